@@ -1,0 +1,61 @@
+"""The ``hnseg`` command: one thin subcommand per stage.
+
+Each stage module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are
+imported only when their subcommand runs, so ``hnseg --help`` does not load TensorFlow.
+A HnsegError anywhere becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hnseg_keras.errors import HnsegError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "phantom": ("hnseg_keras.phantom", "write synthetic head-and-neck CT cases (PDDCA layout)"),
+    "prepare": ("hnseg_keras.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
+    "preview": ("hnseg_keras.preview", "write a PNG grid of augmented training slices"),
+    "train": ("hnseg_keras.training", "train a residual U-Net on prepared shards"),
+    "tune": ("hnseg_keras.tuning", "KerasTuner search over loss weights and learning rate"),
+    "export": ("hnseg_keras.export", "export a trained run as a TensorFlow SavedModel"),
+    "predict": ("hnseg_keras.prediction", "segment CT volumes with a trained or exported model"),
+    "evaluate": ("hnseg_keras.evaluation", "3D Dice, HD95, surface distance and surface Dice tables"),
+}
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
+    parser = argparse.ArgumentParser(prog="hnseg", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    module = None
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        parser, module = build_parser(argv)
+        args = parser.parse_args(argv)
+        if module is None:
+            parser.print_help()
+            return 1
+        return int(module.run(args) or 0)
+    except HnsegError as error:
+        print(f"hnseg {argv[0] if argv else ''}: error: {error}".replace("  ", " "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hnseg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""``hnseg prepare``: convert CT cases (a folder or the built-in phantom) into TFRecord shards.
+
+Output folder layout::
+
+    manifest.json                  the data set's index (shards.Manifest), rewritten after each case
+    cases/<case>.json              one record per finished case (written after its shards)
+    <split>/<case>-NNN.tfrecord.gz GZIP shards, each case in one or more bounded shards
+    phantom-cases/                 generated phantom input (only with --phantom)
+
+Resumable: a case counts as finished only once its record exists, and its record is written only
+after all its shards were renamed into place. A rerun verifies finished cases by sha256 and skips
+them, removes temp files and unrecorded shards, and converts the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hnseg_keras import configs
+from hnseg_keras.cases import find_cases, read_case
+from hnseg_keras.errors import HnsegError
+from hnseg_keras.organs import DEFAULT_ORGANS, resolve_organs
+from hnseg_keras.shards import (
+    HIST_BINS,
+    TEMP_SUFFIX,
+    CaseRecord,
+    Manifest,
+    ShardWriter,
+    hu_histogram,
+    sha256_file,
+    verify_shards,
+)
+from hnseg_keras.slicing import SlicingConfig, compute_transform, slice_case
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
+                 "valid": "validation", "test": "test", "testing": "test"}
+PDDCA_ID = re.compile(r"^0522c(\d{4})$")
+PDDCA_FIRST_TEST = 555  # the MICCAI 2015 challenge's test cases are 0522c0555 and up
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """What `prepare` writes; an output folder only ever holds one configuration.
+
+    Attributes:
+        organs: canonical organ names, in channel order.
+        slicing: how cases become slices.
+        shard_max_mb: upper bound of a shard's uncompressed payload in MiB.
+        compression_level: zlib level of the GZIP shards (1 fastest .. 9 smallest).
+        split_seed: seed of the train/validation draw for cases without a split from their folder.
+        validation_fraction: share of those cases drawn into validation (PDDCA: 8 of 33).
+    """
+
+    organs: tuple[str, ...] = DEFAULT_ORGANS
+    slicing: SlicingConfig = field(default_factory=SlicingConfig)
+    shard_max_mb: float = 64.0
+    compression_level: int = 3
+    split_seed: int = 2015
+    validation_fraction: float = 8 / 33
+
+    def __post_init__(self):
+        object.__setattr__(self, "organs", resolve_organs(self.organs))  # canonical names, validated
+        if not self.shard_max_mb > 0:
+            raise HnsegError(f"shard_max_mb {self.shard_max_mb} must be positive")
+        if not 0 <= self.compression_level <= 9:
+            raise HnsegError(f"compression_level {self.compression_level} must be within 0..9")
+        if not 0.0 <= self.validation_fraction <= 1.0:
+            raise HnsegError(f"validation_fraction {self.validation_fraction} must be within 0..1")
+
+
+@dataclass(frozen=True)
+class PhantomSource:
+    """Input that is generated: `num_cases` phantom cases with a `phantom.PhantomConfig`."""
+
+    num_cases: int
+    config: object = None
+
+
+def safe_name(case_id: str) -> str:
+    """A file-name-safe version of a case id."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
+
+
+def assign_splits(refs: Sequence, config: PrepareConfig, split_file: str | None = None) -> dict[str, str]:
+    """case_id -> split, deterministic by case id.
+
+    Priority: a JSON split file ({"train": [ids], ...} or {id: split}); else the folder hint of each
+    case (train/ validation/ test/); else PDDCA ids 0522c0555 and up are test and the remaining cases
+    are drawn into validation (`validation_fraction`, `split_seed`) or train.
+    """
+    ids = [ref.case_id for ref in refs]
+    if split_file is not None:
+        return _splits_from_file(split_file, ids)
+    splits = {ref.case_id: SPLIT_ALIASES.get(str(ref.split).lower()) for ref in refs if ref.split}
+    rest = sorted(case_id for case_id in ids if not splits.get(case_id))
+    for case_id in rest:
+        match = PDDCA_ID.match(case_id)
+        if match and int(match.group(1)) >= PDDCA_FIRST_TEST:
+            splits[case_id] = "test"
+    rest = [case_id for case_id in rest if case_id not in splits]
+    order = np.random.default_rng(config.split_seed).permutation(len(rest))
+    num_validation = int(round(len(rest) * config.validation_fraction))
+    for rank, index in enumerate(order):
+        splits[rest[index]] = "validation" if rank < num_validation else "train"
+    return splits
+
+
+def _splits_from_file(path: str, ids: Sequence[str]) -> dict[str, str]:
+    data = configs.read_json(path)
+    if not isinstance(data, dict):
+        raise HnsegError(f"{path}: expected a JSON object of split -> [case ids] or case id -> split")
+    if all(isinstance(value, list) for value in data.values()):
+        data = {str(case_id): split for split, members in data.items() for case_id in members}
+    splits = {}
+    for case_id, split in data.items():
+        if SPLIT_ALIASES.get(str(split).lower()) is None:
+            raise HnsegError(f"{path}: unknown split {split!r} for {case_id!r}; use train, validation or test")
+        splits[case_id] = SPLIT_ALIASES[str(split).lower()]
+    missing = [case_id for case_id in ids if case_id not in splits]
+    if missing:
+        raise HnsegError(f"{path}: no split for case(s) {', '.join(missing[:5])}; add them to the split file")
+    return {case_id: splits[case_id] for case_id in ids}
+
+
+def convert_case(job: dict) -> tuple[dict, float]:
+    """Worker: read, slice and shard one case, then record it. Returns (CaseRecord dict, seconds).
+
+    Top-level and driven by a plain dict so it works under the multiprocessing 'spawn' method.
+    """
+    start = time.perf_counter()
+    config = configs.from_dict(PrepareConfig, job["config"])
+    organs, slicing = config.organs, config.slicing
+    case = read_case(job["path"], organs)
+    transform = compute_transform(case, slicing)
+    stats = {name: {"annotated_slices": 0, "foreground_slices": 0, "foreground_pixels": 0} for name in organs}
+    histogram = np.zeros(HIST_BINS, dtype=np.int64)
+    count = 0
+    out = Path(job["out"])
+    prefix = f"{job['split']}/{safe_name(job['case_id'])}"
+    with ShardWriter(out, prefix, int(config.shard_max_mb * (1 << 20)), config.compression_level) as writer:
+        for example in slice_case(case, organs, slicing, transform):
+            writer.write(example)
+            count += 1
+            histogram += hu_histogram(example["image"][..., slicing.neighbours])
+            pixels = example["masks"].reshape(-1, len(organs)).sum(axis=0)
+            for o, name in enumerate(organs):
+                stats[name]["annotated_slices"] += int(example["annotated"][o])
+                stats[name]["foreground_slices"] += int(pixels[o] > 0)
+                stats[name]["foreground_pixels"] += int(pixels[o])
+    record = CaseRecord(job["case_id"], job["split"], count, writer.finished, transform.to_dict(),
+                        case.annotated(organs).astype(int).tolist(), stats, histogram.tolist())
+    configs.write_json_atomic(out / "cases" / f"{safe_name(job['case_id'])}.json", record.to_dict())
+    return record.to_dict(), time.perf_counter() - start
+
+
+def _identity(source: str, config: PrepareConfig, split_file: str | None, phantom: dict | None) -> dict:
+    """What must match for a rerun to continue an existing output folder."""
+    split_sha = None
+    if split_file is not None:
+        split_sha = sha256_file(split_file)
+    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom}
+
+
+def _check_output(out: Path, source: str, identity: dict):
+    """Refuse an output folder that holds something else; returns its manifest (or None)."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise HnsegError(f"{out}: exists and is not a folder; choose a new --out")
+    if not (out / "manifest.json").is_file():
+        if any(out.iterdir()):
+            raise HnsegError(f"{out}: exists and is not a prepare output (no manifest.json); choose a new --out")
+        return None
+    manifest = Manifest.load(out / "manifest.json")
+    if manifest.source != source or manifest.prepare != identity:
+        differs = sorted(key for key in identity if manifest.prepare.get(key) != identity[key])
+        what = ", ".join(differs + (["input"] if manifest.source != source else []))
+        raise HnsegError(f"{out}: was prepared from a different input or configuration ({what}); "
+                         "choose a new --out")
+    return manifest
+
+
+def _resume_state(out: Path, wanted: dict[str, str]) -> dict[str, CaseRecord]:
+    """Finished, verified CaseRecords by case id; removes temp files, bad records and orphan shards."""
+    for folder in (out, out / "cases", *(out / split for split in {*wanted.values()})):
+        for temp in folder.glob(f".*{TEMP_SUFFIX}"):
+            if temp.is_file():
+                temp.unlink()
+    done = {}
+    for path in sorted((out / "cases").glob("*.json")):
+        try:
+            record = CaseRecord.from_dict(configs.read_json(path))
+        except HnsegError:
+            record = None
+        if (record is None or wanted.get(record.case_id) != record.split
+                or verify_shards(out, record.shards)):
+            path.unlink()
+            continue
+        done[record.case_id] = record
+    keep = {info.file for record in done.values() for info in record.shards}
+    for split in {*wanted.values()}:
+        for shard in (out / split).glob("*.tfrecord.gz"):
+            if shard.relative_to(out).as_posix() not in keep:
+                shard.unlink()
+    return done
+
+
+def _phantom_input(out: Path, source: PhantomSource) -> list:
+    """Generate (or finish generating) the phantom cases in out/phantom-cases; returns their CaseRefs.
+
+    `phantom.write_phantom` writes each case folder atomically and skips finished ones on a rerun.
+    """
+    from hnseg_keras import phantom
+
+    return phantom.write_phantom(out / "phantom-cases", source.num_cases, source.config or phantom.PhantomConfig())
+
+
+def _find(root: Path) -> list:
+    if not root.is_dir():
+        raise HnsegError(f"{root}: input folder not found; give a folder of cases or use --phantom N")
+    refs = list(find_cases(root))
+    if not refs:
+        raise HnsegError(f"{root}: no cases found (expected <case>/img.nrrd folders or image files)")
+    names = [safe_name(ref.case_id) for ref in refs]
+    if len(set(names)) != len(names):
+        raise HnsegError(f"{root}: case ids collide after making them file-name safe; rename the cases")
+    return refs
+
+
+def _run_jobs(jobs: list[dict], workers: int):
+    """Yield (record dict, seconds) per job, in completion order."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield convert_case(job)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap_unordered(convert_case, jobs)
+
+
+def _resolve_source(source) -> tuple[str, list | None, dict | None]:
+    """(source text for the manifest, CaseRefs or None for a phantom, phantom config dict)."""
+    if isinstance(source, PhantomSource):
+        if source.num_cases < 1:
+            raise HnsegError(f"--phantom {source.num_cases}: give at least 1 case")
+        config = configs.to_dict(source.config) if source.config is not None else None
+        return f"phantom:{source.num_cases}", None, config
+    root = Path(source).resolve()
+    return str(root), _find(root), None
+
+
+def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLike,
+            config: PrepareConfig = PrepareConfig(), workers: int = 1, split_file: str | None = None) -> Manifest:
+    """Convert cases into shards + manifest in `out_dir`; resumes a partial run. Returns the Manifest.
+
+    Input problems found before conversion write nothing; if the first run into a new folder fails
+    before any case is finished, the folder is removed again.
+    """
+    out = Path(out_dir)
+    source_text, refs, phantom_config = _resolve_source(source)
+    if split_file is not None and not Path(split_file).is_file():
+        raise HnsegError(f"{split_file}: split file not found")
+    identity = _identity(source_text, config, split_file, phantom_config)
+    _check_output(out, source_text, identity)
+    slicing = config.slicing
+    base = Manifest(organs=list(config.organs), slicing=configs.to_dict(slicing),
+                    image_shape=[slicing.size, slicing.size, 2 * slicing.neighbours + 1],
+                    source=source_text, prepare=identity)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if not (out / "manifest.json").exists():
+            base.save(out / "manifest.json")
+        if refs is None:
+            refs = _phantom_input(out, source)
+        return _convert_all(out, refs, config, assign_splits(refs, config, split_file), workers, base)
+    except HnsegError:
+        if created and not list((out / "cases").glob("*.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _convert_all(out: Path, refs: list, config: PrepareConfig, splits: dict[str, str], workers: int,
+                 base: Manifest) -> Manifest:
+    """Skip verified cases, convert the others (progress line each), keep the manifest current."""
+    done = _resume_state(out, splits)
+    fields = {key: getattr(base, key) for key in ("organs", "slicing", "image_shape", "source", "prepare")}
+    Manifest.from_records(list(done.values()), **fields).save(out / "manifest.json")
+    jobs = [{"case_id": ref.case_id, "path": str(ref.path), "split": splits[ref.case_id], "out": str(out),
+             "config": configs.to_dict(config)} for ref in refs if ref.case_id not in done]
+    if done:
+        print(f"skipping {len(done)} finished case(s) (shards verified)", file=sys.stderr)
+    for number, (data, seconds) in enumerate(_run_jobs(jobs, workers), start=len(done) + 1):
+        record = CaseRecord.from_dict(data)
+        done[record.case_id] = record
+        megabytes = sum(info.bytes for info in record.shards) / 1e6
+        print(f"[{number}/{len(refs)}] {record.case_id} ({record.split}): {record.slices} slices, "
+              f"{len(record.shards)} shard(s), {megabytes:.1f} MB, {seconds:.1f} s", file=sys.stderr, flush=True)
+        Manifest.from_records(list(done.values()), **fields).save(out / "manifest.json")
+    manifest = Manifest.from_records(list(done.values()), complete=True, **fields)
+    manifest.save(out / "manifest.json")
+    return manifest
+
+
+def _parse_spacing(text: str) -> float | None:
+    if text.strip().lower() in ("none", "native"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise HnsegError(f"--spacing {text!r}: give millimetres (e.g. 1.0) or 'none' for native spacing") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = SlicingConfig()
+    parser.add_argument("input", nargs="?", help="folder of cases (PDDCA <case>/img.nrrd, train/ validation/ ...)")
+    parser.add_argument("--phantom", type=int, metavar="N", help="convert N generated phantom cases instead")
+    parser.add_argument("--phantom-size", type=int, help="phantom in-plane voxels (default 512)")
+    parser.add_argument("--phantom-spacing", type=float, help="phantom in-plane spacing, mm (default 0.9)")
+    parser.add_argument("--phantom-seed", type=int, help="phantom seed (default 0)")
+    parser.add_argument("--phantom-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other phantom.PhantomConfig field, repeatable (e.g. noise_hu=10)")
+    parser.add_argument("--out", required=True, help="output folder, e.g. tfrecords/NAME")
+    parser.add_argument("--organs", nargs="+", help="organ names in channel order (default: the nine PDDCA organs)")
+    parser.add_argument("--size", type=int, default=defaults.size, help="slice size in pixels")
+    parser.add_argument("--spacing", default=str(defaults.spacing_mm), help="in-plane mm, or 'none' for native")
+    parser.add_argument("--neighbours", type=int, default=defaults.neighbours, help="k: store 2k+1 CT slices")
+    parser.add_argument("--empty-margin", type=int, default=defaults.empty_slice_margin,
+                        help="organ-free slices kept beyond the organs' z-range")
+    parser.add_argument("--empty-share", type=float, default=defaults.empty_slice_share,
+                        help="share of the other organ-free slices kept")
+    parser.add_argument("--shard-mb", type=float, default=PrepareConfig.shard_max_mb, help="max shard payload, MiB")
+    parser.add_argument("--split-file", help="JSON {split: [case ids]} or {case id: split}")
+    parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
+                        help="parallel worker processes")
+
+
+def _phantom_config(args: argparse.Namespace):
+    from hnseg_keras import phantom
+
+    options = list(args.phantom_option)
+    for key, value in (("size", args.phantom_size), ("spacing_mm", args.phantom_spacing),
+                       ("seed", args.phantom_seed)):
+        if value is not None:
+            options.append(f"{key}={value}")
+    return configs.replace_from_overrides(phantom.PhantomConfig(), options)
+
+
+def run(args: argparse.Namespace) -> int:
+    if (args.input is None) == (args.phantom is None):
+        raise HnsegError("give either an INPUT folder or --phantom N (not both)")
+    phantom_given = [args.phantom_option, args.phantom_size, args.phantom_spacing, args.phantom_seed]
+    if args.phantom is None and any(value not in (None, []) for value in phantom_given):
+        raise HnsegError("--phantom-size/--phantom-spacing/--phantom-seed/--phantom-option need --phantom N")
+    slicing = SlicingConfig(size=args.size, spacing_mm=_parse_spacing(args.spacing), neighbours=args.neighbours,
+                            empty_slice_margin=args.empty_margin, empty_slice_share=args.empty_share)
+    config = PrepareConfig(organs=resolve_organs(args.organs), slicing=slicing, shard_max_mb=args.shard_mb)
+    source = args.input
+    if args.phantom is not None:
+        source = PhantomSource(args.phantom, _phantom_config(args))
+    manifest = prepare(source, args.out, config, workers=args.workers, split_file=args.split_file)
+    counts = ", ".join(f"{name} {split['cases']} cases / {split['slices']} slices"
+                       for name, split in manifest.splits.items() if split["cases"])
+    print(f"wrote {Path(args.out) / 'manifest.json'}: {counts}")
+    return 0

@@ -1,0 +1,128 @@
+"""Benchmark `hnseg predict`: seconds per case and peak RSS of whole-volume prediction.
+
+Cases are synthetic (noise + a body ellipse with a bone ring); the model is the S variant with
+random weights (nine organs, sigmoid ~0.5 almost everywhere: every organ plane is mapped back, the
+worst case for time and memory). Each case runs in a fresh subprocess so its peak RSS
+(``ru_maxrss``, TensorFlow runtime included) is its own:
+
+    python benchmarks/bench_predict.py --out bench_predict.json
+    python benchmarks/bench_predict.py --cases pddca --tta --batch-size 16
+
+Cases: ``pddca`` 512 x 512 x 200 at 0.9 x 0.9 x 2.5 mm (the issue's memory budget: peak RSS <= 4 GB)
+and ``coarse`` 128 x 128 x 128 at 4 mm. Slicing: 280 x 280 at 1 mm (model input padded to 288).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CASES = {  # name: (X = Y, Z, in-plane mm, slice mm)
+    "pddca": (512, 200, 0.9, 2.5),
+    "coarse": (128, 128, 4.0, 4.0),
+}
+BUDGET_RSS_GB = 4.0
+
+
+def synthetic_case(name: str, seed: int = 0):
+    """int16 CT: air, a water-like ellipse (40 HU +- 20 noise) and a 700 HU ring, filled per slice."""
+    from hnseg_keras.cases import Case
+
+    size, depth, spacing, slice_mm = CASES[name]
+    rng = np.random.default_rng(seed)
+    ct = np.full((depth, size, size), -1000, np.int16)
+    y, x = np.ogrid[:size, :size]
+    centre = (size - 1) / 2
+    radial = ((y - centre) / (0.32 * size)) ** 2 + ((x - centre) / (0.40 * size)) ** 2
+    body, ring = radial <= 1.0, (radial <= 0.55) & (radial >= 0.45)
+    for z in range(depth):
+        plane = ct[z]
+        plane[body] = (40 + 20 * rng.standard_normal(int(body.sum()))).astype(np.int16)
+        plane[ring] = 700
+    return Case(name, ct, (spacing, spacing, slice_mm))
+
+
+def run_one(name: str, batch_size: int, tta: bool, largest_component: bool) -> dict:
+    """One case in this process: build the model, segment, write the label map; returns the figures."""
+    started = time.perf_counter()
+    from hnseg_keras.cases import write_label_map
+    from hnseg_keras.model import build_unet, variant_config
+    from hnseg_keras.organs import DEFAULT_ORGANS
+    from hnseg_keras.prediction import Predictor, segment_case
+    from hnseg_keras.slicing import SlicingConfig
+
+    slicing = SlicingConfig(size=280, spacing_mm=1.0)
+    model = build_unet(variant_config("S", num_organs=len(DEFAULT_ORGANS)))
+    predictor = Predictor.from_keras_model(model, DEFAULT_ORGANS, slicing, "S untrained")
+    predictor.predict_slices(np.zeros((batch_size, 280, 280, 1), np.int16), batch_size)  # trace outside the timing
+    case = synthetic_case(name)
+    setup_s = time.perf_counter() - started
+    seg = segment_case(case, predictor, batch_size, tta, largest_component)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as work:
+        write_label_map(seg.label_map(), case, Path(work) / f"{name}.nrrd")
+    write_s = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "case": name, "shape_zyx": list(case.ct.shape), "spacing_mm": list(case.spacing),
+        "batch_size": batch_size, "tta": tta, "largest_component": largest_component,
+        "setup_seconds": round(setup_s, 2), "segment_seconds": round(seg.seconds, 2),
+        "write_seconds": round(write_s, 2), "seconds_per_case": round(seg.seconds + write_s, 2),
+        "slices_per_second": round(seg.slices / seg.seconds, 2),
+        "peak_rss_gb": round(peak_kb / 2**20, 3), "budget_rss_gb": BUDGET_RSS_GB,
+    }
+
+
+def run_in_subprocess(name: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--one", name, "--batch-size", str(args.batch_size)]
+    command += ["--tta"] * args.tta + ["--largest-component"] * args.largest_component
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"bench_predict: case {name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["pddca", "coarse"])
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--largest-component", action="store_true")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    parser.add_argument("--one", choices=sorted(CASES), help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.batch_size, args.tta, args.largest_component)))
+        return 0
+    results = [run_in_subprocess(name, args) for name in args.cases]
+    print(f"predict benchmark: S variant (untrained), 9 organs, slicing 280 x 280 at 1 mm, batch {args.batch_size}, "
+          f"tta={args.tta}, largest_component={args.largest_component}, {os.cpu_count()} CPU(s)")
+    print(f"  {'case':<8} {'shape (z,y,x)':<16} {'s/case':>8} {'slices/s':>9} {'peak RSS GB':>12} {'<= 4 GB':>8}")
+    for row in results:
+        shape = "x".join(str(v) for v in row["shape_zyx"])
+        print(f"  {row['case']:<8} {shape:<16} {row['seconds_per_case']:>8} {row['slices_per_second']:>9} "
+              f"{row['peak_rss_gb']:>12} {str(row['peak_rss_gb'] <= BUDGET_RSS_GB):>8}")
+    if args.out:
+        from hnseg_keras import configs
+
+        configs.write_json_atomic(args.out, {
+            "results": results, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+        })
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Batched training augmentation in ``keras.ops``: window, random crop, elastic/grid warp, weighted mixup.
+
+A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU, C neighbouring slices),
+``masks [B,H,W,O]`` ({0, 1}), ``dist_maps [B,H,W,O]`` (signed pixels, negative inside) and
+``annotated [B,O]`` ({0, 1}). Every random draw comes from an explicit stateless seed (int32 [2]):
+the same seed and batch give the same output. Per-op seeds are derived from it with
+:func:`sub_seed`, and every draw has a leading batch axis, so each sample gets its own crop offset
+and warp field even when the batch size is unknown while tracing.
+
+Crop and warp are one pass of one bilinear resampler (:func:`bilinear_sample`): sampling
+coordinates = crop offset + identity grid + displacement. The same field moves the image, the
+masks (bilinear, then ``>= 0.5`` so they stay binary) and the distance maps (bilinear). Integer
+offsets with zero displacement copy pixels exactly. The functions run in ``tf.data`` (``map``
+after ``batch``), in ``tf.function(jit_compile=True)`` and, being ``keras.ops`` only, under JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+# Plain clip used when no window is set: the int16 HU range a CT can hold.
+HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
+SPATIAL_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps")
+
+# Per-op sub-seed indices (see sub_seed); nested ops reuse small indices under their own parent.
+_TAG_CROP, _TAG_WARP_CHOICE, _TAG_ELASTIC, _TAG_GRID, _TAG_PARTNER, _TAG_LAMBDA = range(6)
+_NUM_CHILD_SEEDS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation; every op can be switched off for ablations.
+
+    Attributes:
+        window: HU window (low, high) the image is clipped to (soft tissue, as in the paper); None
+            clips to the plain HU range ``HU_RANGE`` instead.
+        crop_size: side of the random square crop in pixels (280 -> 256 in the paper); None: no crop.
+        warp_probability: chance per sample of a geometric warp (0 switches warps off).
+        elastic: allow the elastic deformation.
+        elastic_alpha: RMS displacement of each axis in pixels (dy and dx are independent).
+        elastic_sigma: Gaussian smoothing sigma of the displacement field in pixels.
+        grid: allow the grid distortion (one of elastic / grid is chosen per warped sample).
+        grid_steps: cells per axis of the piecewise-linear grid distortion.
+        grid_distort_limit: each cell is stretched by a factor in [1 - limit, 1 + limit].
+        mixup: class-weighted mixup of images within the batch.
+        mixup_alpha: lambda ~ Beta(alpha, alpha).
+
+    The paper names the ops but not the warp parameters; the values here give gentle anatomical
+    deformations (a few pixels) on 256-pixel slices of 1 mm.
+    """
+
+    window: tuple[float, float] | None = (-155.0, 195.0)
+    crop_size: int | None = 256
+    warp_probability: float = 0.5
+    elastic: bool = True
+    elastic_alpha: float = 4.0
+    elastic_sigma: float = 16.0
+    grid: bool = True
+    grid_steps: int = 5
+    grid_distort_limit: float = 0.3
+    mixup: bool = True
+    mixup_alpha: float = 0.2
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+def seed_pair(seed):
+    """An int32 [2] seed tensor from a Python int, a pair, or a tensor of shape [2]."""
+    if isinstance(seed, int | np.integer):
+        seed = [int(seed) & 0x7FFFFFFF, 0]
+    return ops.cast(ops.convert_to_tensor(seed), "int32")
+
+
+def sub_seed(seed, tag: int):
+    """Seed for one op: row ``tag`` (0-15) of a [16, 2] table of random ints drawn from ``seed``.
+
+    Drawing the children from the counter-based generator itself hashes (seed, tag), so the
+    sub-seeds of nearby parent seeds do not collide (plain offsets or XORs would).
+    """
+    if not 0 <= tag < _NUM_CHILD_SEEDS:
+        raise ValueError(f"sub-seed tag {tag} is outside [0, {_NUM_CHILD_SEEDS})")
+    table = keras.random.randint((_NUM_CHILD_SEEDS, 2), 0, 2**31 - 1, dtype="int32", seed=_rng(seed))
+    return table[tag]
+
+
+class _TensorSeed(keras.random.SeedGenerator):
+    """Hands a seed tensor to ``keras.random`` (Keras 3.15 accepts only ints or SeedGenerators).
+
+    ``draw_seed`` calls ``next()`` on SeedGenerators; returning the fixed tensor keeps the draw
+    stateless and creates no variable, so it works inside tf.data and compiled functions.
+    """
+
+    def __init__(self, seed):  # noqa: D107 - deliberately skips the stateful base constructor
+        self._seed = seed
+
+    def next(self, ordered=True):
+        return self._seed
+
+
+def _rng(seed):
+    if keras.backend.backend() == "jax":
+        return ops.cast(seed_pair(seed), "uint32")  # JAX takes a raw uint32 [2] key directly
+    return _TensorSeed(seed_pair(seed))
+
+
+def _uniform(seed, shape, low=0.0, high=1.0):
+    return keras.random.uniform(shape, minval=low, maxval=high, dtype="float32", seed=_rng(seed))
+
+
+def _normal(seed, shape):
+    return keras.random.normal(shape, dtype="float32", seed=_rng(seed))
+
+
+# ----------------------------------------------------------------------------- intensity
+
+
+def window_image(image, window: tuple[float, float] | None):
+    """Clip HU to ``window`` (or to ``HU_RANGE`` when None); returns float32, same shape."""
+    low, high = window if window is not None else HU_RANGE
+    return ops.clip(ops.cast(image, "float32"), low, high)
+
+
+# ----------------------------------------------------------------------------- resampling
+
+
+def _bilinear_plan(coord_y, coord_x, batch_size, in_hw):
+    """Flat corner indices [4 x (B,Ho,Wo)] and weights [4 x (B,Ho,Wo,1)] for coordinates [B,Ho,Wo].
+
+    Coordinates are clamped to the image (edge replication); integer coordinates get weights
+    (1, 0, 0, 0), so the lookup copies the pixel exactly.
+    """
+    height, width = in_hw
+    coord_y = ops.clip(coord_y, 0.0, ops.cast(height - 1, "float32"))
+    coord_x = ops.clip(coord_x, 0.0, ops.cast(width - 1, "float32"))
+    y0, x0 = ops.floor(coord_y), ops.floor(coord_x)
+    wy, wx = (coord_y - y0)[..., None], (coord_x - x0)[..., None]
+    y0, x0 = ops.cast(y0, "int32"), ops.cast(x0, "int32")
+    y1, x1 = ops.minimum(y0 + 1, height - 1), ops.minimum(x0 + 1, width - 1)
+    base = ops.reshape(ops.arange(batch_size, dtype="int32") * (height * width), (-1, 1, 1))
+    index = [base + yy * width + xx for yy in (y0, y1) for xx in (x0, x1)]
+    weight = [(1.0 - wy) * (1.0 - wx), (1.0 - wy) * wx, wy * (1.0 - wx), wy * wx]
+    return index, weight
+
+
+def _gather_plan(values, plan):
+    """Apply a bilinear plan to ``values`` [B,Hi,Wi,C]; one gather per corner, float32 [B,Ho,Wo,C]."""
+    flat = ops.reshape(ops.cast(values, "float32"), (-1, ops.shape(values)[-1]))
+    index, weight = plan
+    out = ops.take(flat, index[0], axis=0) * weight[0]
+    for corner in range(1, 4):
+        out = out + ops.take(flat, index[corner], axis=0) * weight[corner]
+    return out
+
+
+def bilinear_sample(values, coord_y, coord_x):
+    """Bilinear lookup of ``values`` [B,Hi,Wi,C] at float pixel coordinates [B,Ho,Wo] (border clamped)."""
+    shape = ops.shape(values)
+    return _gather_plan(values, _bilinear_plan(coord_y, coord_x, shape[0], (shape[1], shape[2])))
+
+
+def _sampling_coords(offsets, displacement, out_hw):
+    offsets = ops.cast(offsets, "float32")
+    grid_y = ops.arange(out_hw[0], dtype="float32")[None, :, None]
+    grid_x = ops.arange(out_hw[1], dtype="float32")[None, None, :]
+    coord_y = offsets[:, 0, None, None] + grid_y + ops.zeros_like(grid_x)
+    coord_x = offsets[:, 1, None, None] + grid_x + ops.zeros_like(grid_y)
+    if displacement is not None:
+        coord_y, coord_x = coord_y + displacement[..., 0], coord_x + displacement[..., 1]
+    return coord_y, coord_x
+
+
+def resample(values, offsets, displacement, out_hw: tuple[int, int]):
+    """Crop and warp in one pass: sample ``values`` [B,Hi,Wi,C] at ``offset + identity grid + displacement``.
+
+    offsets [B,2] (y, x) crop corner in input pixels; displacement [B,Ho,Wo,2] (dy, dx) pixels or None.
+    Returns float32 [B,Ho,Wo,C].
+    """
+    return bilinear_sample(values, *_sampling_coords(offsets, displacement, out_hw))
+
+
+def crop_offsets(draw, in_hw, out_hw: tuple[int, int]):
+    """Integer crop corners [B,2] (float32) from uniform draws [B,2]: uniform in [0, in - out]."""
+    span = ops.convert_to_tensor([float(in_hw[0] - out_hw[0] + 1), float(in_hw[1] - out_hw[1] + 1)])
+    return ops.minimum(ops.floor(draw * span[None, :]), span[None, :] - 1.0)
+
+
+def random_crop_offsets(seed, batch_size, in_hw, out_hw: tuple[int, int]):
+    """Independent integer crop corners per sample, uniform in [0, in - out]; float32 [B,2]."""
+    return crop_offsets(_uniform(seed, (batch_size, 2)), in_hw, out_hw)
+
+
+# ----------------------------------------------------------------------------- warp fields
+
+
+def _elastic_geometry(out_hw, sigma: float):
+    """(grid step px, 1D Gaussian kernel on that grid, noise height, noise width) of the elastic field."""
+    step = max(1, int(sigma // 4))
+    radius = max(1, math.ceil(3.0 * sigma / step))
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-0.5 * (taps * step / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).astype(np.float32)
+    return step, kernel, (out_hw[0] - 1) // step + 2 + 2 * radius, (out_hw[1] - 1) // step + 2 + 2 * radius
+
+
+def elastic_from_noise(noise, out_hw: tuple[int, int], alpha: float, sigma: float):
+    """Smooth unit noise [B,h,w,2] (shape from ``_elastic_geometry``) into a field [B,Ho,Wo,2] of RMS alpha.
+
+    dy and dx come from independent noise channels. For speed the noise lives on a grid coarser by
+    ``step = sigma // 4`` pixels (>= 4 nodes per sigma) and is bilinearly upsampled.
+    """
+    step, kernel, _, _ = _elastic_geometry(out_hw, sigma)
+    k = ops.convert_to_tensor(kernel)
+    noise = ops.depthwise_conv(noise, ops.tile(ops.reshape(k, (-1, 1, 1, 1)), (1, 1, 2, 1)), padding="valid")
+    noise = ops.depthwise_conv(noise, ops.tile(ops.reshape(k, (1, -1, 1, 1)), (1, 1, 2, 1)), padding="valid")
+    # Smoothed unit-variance noise has std = sum(k^2) per axis (separable kernel): rescale to alpha.
+    field = noise * (alpha / float(np.sum(kernel.astype(np.float64) ** 2)))
+    if step == 1:
+        return field[:, : out_hw[0], : out_hw[1], :]
+    zeros = ops.zeros((ops.shape(noise)[0], 2), "float32")
+    coord_y, coord_x = _sampling_coords(zeros, None, out_hw)
+    return bilinear_sample(field, coord_y / step, coord_x / step)
+
+
+def elastic_displacement(seed, batch_size, out_hw: tuple[int, int], alpha: float, sigma: float):
+    """Elastic field [B,Ho,Wo,2] (dy, dx): Gaussian-smoothed (sigma px) white noise, RMS ``alpha`` px per axis."""
+    _, _, height, width = _elastic_geometry(out_hw, sigma)
+    return elastic_from_noise(_normal(seed, (batch_size, height, width, 2)), out_hw, alpha, sigma)
+
+
+def _grid_axis(stretch, length: int):
+    """Displacement [B, length] along one axis from cell stretch factors [B, steps]."""
+    batch_size, steps = ops.shape(stretch)[0], int(stretch.shape[1])
+    widths = stretch / ops.sum(stretch, axis=1, keepdims=True) * float(length - 1)
+    knots = ops.concatenate([ops.zeros((batch_size, 1), "float32"), ops.cumsum(widths, axis=1)], axis=1)
+    position = ops.arange(length, dtype="float32") * (steps / max(length - 1, 1))
+    cell = ops.clip(ops.floor(position), 0.0, float(steps - 1))
+    fraction = (position - cell)[None, :]
+    index = ops.cast(cell, "int32")[None, :] + ops.zeros((batch_size, 1), "int32")
+    start = ops.take_along_axis(knots, index, axis=1)
+    end = ops.take_along_axis(knots, index + 1, axis=1)
+    return start + fraction * (end - start) - ops.arange(length, dtype="float32")[None, :]
+
+
+def grid_from_stretch(stretch, out_hw: tuple[int, int]):
+    """Grid-distortion field [B,Ho,Wo,2] from stretch factors [B,2,steps] (rows, columns).
+
+    Cell ``i`` of an axis is ``stretch[i] / mean(stretch)`` times its regular width; the image border
+    stays fixed, dy depends on the row only and dx on the column only.
+    """
+    dy = _grid_axis(stretch[:, 0], out_hw[0])[:, :, None] + ops.zeros((1, 1, out_hw[1]), "float32")
+    dx = _grid_axis(stretch[:, 1], out_hw[1])[:, None, :] + ops.zeros((1, out_hw[0], 1), "float32")
+    return ops.stack([dy, dx], axis=-1)
+
+
+def grid_displacement(seed, batch_size, out_hw: tuple[int, int], steps: int, limit: float):
+    """Grid distortion [B,Ho,Wo,2]: each of ``steps`` cells per axis stretched by U(1 - limit, 1 + limit)."""
+    return grid_from_stretch(_uniform(seed, (batch_size, 2, steps), 1.0 - limit, 1.0 + limit), out_hw)
+
+
+# ----------------------------------------------------------------------------- draws and application
+
+
+def draw_augmentation(seed, batch_size, out_hw: tuple[int, int], config: AugmentConfig) -> dict:
+    """Every random number one batch needs, drawn from ``seed`` (the only place that draws).
+
+    Keeping draws apart from the (deterministic) application lets a caller run them in different
+    places, e.g. draws in tf.data and the heavy resampling in an XLA-compiled function.
+    """
+    draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
+             "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
+    if config.warp_probability > 0.0 and config.elastic:
+        _, _, height, width = _elastic_geometry(out_hw, config.elastic_sigma)
+        draws["elastic_noise"] = _normal(sub_seed(seed, _TAG_ELASTIC), (batch_size, height, width, 2))
+    if config.warp_probability > 0.0 and config.grid:
+        limit = config.grid_distort_limit
+        draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
+                                         1.0 - limit, 1.0 + limit)
+    if config.mixup:
+        draws["partner"] = _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,))
+        draws.update(_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size))
+    return draws
+
+
+def warp_from_draws(draws: dict, out_hw: tuple[int, int], config: AugmentConfig):
+    """Per-sample warp field [B,Ho,Wo,2] (dy, dx), or None when warps are off.
+
+    With ``warp_probability`` a sample is warped, elastic or grid (a coin picks when both are on).
+    """
+    fields = []
+    if "elastic_noise" in draws:
+        fields.append(elastic_from_noise(draws["elastic_noise"], out_hw, config.elastic_alpha, config.elastic_sigma))
+    if "grid_stretch" in draws:
+        fields.append(grid_from_stretch(draws["grid_stretch"], out_hw))
+    if not fields:
+        return None
+    coins = draws["coins"]
+    warped = ops.cast(coins[:, 0] < config.warp_probability, "float32")[:, None, None, None]
+    if len(fields) == 1:
+        return fields[0] * warped
+    use_elastic = ops.cast(coins[:, 1] < 0.5, "float32")[:, None, None, None]
+    return (fields[0] * use_elastic + fields[1] * (1.0 - use_elastic)) * warped
+
+
+def output_hw(image, config: AugmentConfig):
+    """(input, output) static (H, W) of a batch image under ``config``'s crop; checks the crop fits."""
+    in_hw = _static_hw(image)
+    out_hw = (config.crop_size, config.crop_size) if config.crop_size else in_hw
+    if in_hw[0] < out_hw[0] or in_hw[1] < out_hw[1]:
+        raise ValueError(f"crop_size {config.crop_size} is larger than the input slices {in_hw}")
+    return in_hw, out_hw
+
+
+def apply_crop_and_warp(batch: dict, draws: dict, config: AugmentConfig) -> dict:
+    """Crop + warp every spatial key with the drawn per-sample offset and field (see crop_and_warp)."""
+    in_hw, out_hw = output_hw(batch["image"], config)
+    offsets = crop_offsets(draws["crop"], in_hw, out_hw)
+    return resample_batch(batch, offsets, warp_from_draws(draws, out_hw, config), out_hw)
+
+
+def crop_and_warp(batch: dict, seed, config: AugmentConfig) -> dict:
+    """Random crop + optional warp of every spatial key with one field per sample.
+
+    Masks are resampled bilinearly and thresholded at 0.5. Non-spatial keys pass through.
+    """
+    _, out_hw = output_hw(batch["image"], config)
+    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, dataclasses.replace(config, mixup=False))
+    return apply_crop_and_warp(batch, draws, config)
+
+
+def centre_crop(batch: dict, size: int | None) -> dict:
+    """Deterministic centre crop (corner = floor of half the margin) of every spatial key.
+
+    A plain slice, so values are copied exactly; ``size`` None leaves the batch unchanged.
+    """
+    if not size:
+        return dict(batch)
+    height, width = _static_hw(batch["image"])
+    if height < size or width < size:
+        raise ValueError(f"crop size {size} is larger than the input slices {(height, width)}")
+    top, left = (height - size) // 2, (width - size) // 2
+    out = dict(batch)
+    for key in SPATIAL_KEYS:
+        out[key] = batch[key][:, top : top + size, left : left + size, :]
+    return out
+
+
+def resample_batch(batch: dict, offsets, field, out_hw: tuple[int, int]) -> dict:
+    """Resample every spatial key at ``offsets`` [B,2] + identity + ``field`` [B,Ho,Wo,2] (or None).
+
+    Image and distance maps bilinear, masks bilinear then ``>= 0.5``; other keys pass through.
+    """
+    # One plan, one gather per key: slicing a joint result would make XLA recompute the gathers.
+    image = batch["image"]
+    plan = _bilinear_plan(*_sampling_coords(offsets, field, out_hw), ops.shape(image)[0], _static_hw(image))
+    out = dict(batch)
+    out.update({key: _gather_plan(batch[key], plan) for key in SPATIAL_KEYS})
+    out["masks"] = ops.cast(out["masks"] >= 0.5, "float32")
+    return out
+
+
+def _static_hw(image):
+    height, width = image.shape[1], image.shape[2]
+    if height is None or width is None:
+        raise ValueError("augment needs static slice height and width; set the dataset's shapes")
+    return int(height), int(width)
+
+
+# ----------------------------------------------------------------------------- mixup
+
+_GAMMA_TRIES = 8
+
+
+def _gamma_draws(seed, batch_size) -> dict:
+    return {"gamma_normal": _normal(sub_seed(seed, 0), (2, _GAMMA_TRIES, batch_size)),
+            "gamma_uniform": _uniform(sub_seed(seed, 1), (2, _GAMMA_TRIES, batch_size), 1e-12, 1.0),
+            "gamma_boost": _uniform(sub_seed(seed, 2), (2, batch_size), 1e-30, 1.0)}
+
+
+def beta_from_draws(draws: dict, alpha: float):
+    """Beta(alpha, alpha) [B] = X / (X + Y) of two Gamma(alpha) draws, in log space (stable for alpha << 1).
+
+    keras.random.beta uses a TF gamma kernel that XLA cannot compile, so Gamma is sampled with
+    Marsaglia-Tsang (``_GAMMA_TRIES`` candidates; all rejected has probability < 1e-10, then the
+    mode is used) plus the boost Gamma(a) = Gamma(a + 1) * U^(1/a) for a < 1.
+    """
+    boosted = alpha + 1.0 if alpha < 1.0 else alpha
+    d = boosted - 1.0 / 3.0
+    z, u = draws["gamma_normal"], draws["gamma_uniform"]
+    v = (1.0 + z / math.sqrt(9.0 * d)) ** 3
+    v_safe = ops.maximum(v, 1e-12)
+    accept = ops.logical_and(v > 0.0, ops.log(u) < 0.5 * z * z + d - d * v + d * ops.log(v_safe))
+    first = ops.argmax(ops.cast(accept, "int32"), axis=1)[:, None]
+    chosen = ops.take_along_axis(ops.log(d * v_safe), first, axis=1)[:, 0]
+    log_gamma = ops.where(ops.any(accept, axis=1), chosen, math.log(d))
+    if alpha < 1.0:
+        log_gamma = log_gamma + ops.log(draws["gamma_boost"]) / alpha
+    return ops.sigmoid(log_gamma[0] - log_gamma[1])
+
+
+def sample_beta(seed, shape, alpha: float):
+    """Beta(alpha, alpha) draws of shape (n,) from ``seed`` (see beta_from_draws)."""
+    return beta_from_draws(_gamma_draws(seed, shape[0]), alpha)
+
+
+def slice_weights(masks, organ_weights):
+    """Mixup weight of each slice: the sum of ``organ_weights`` over organs with foreground in it.
+
+    A slice with no foreground gets the smallest organ weight (like the rarest-seen large organ),
+    so background slices can still be drawn but never outweigh a small structure.
+    masks [B,H,W,O], organ_weights [O] -> float32 [B].
+    """
+    organ_weights = ops.cast(organ_weights, "float32")
+    present = ops.cast(ops.max(masks, axis=(1, 2)) > 0.5, "float32")
+    total = ops.sum(present * organ_weights[None, :], axis=1)
+    return ops.where(ops.sum(present, axis=1) > 0.0, total, ops.min(organ_weights))
+
+
+def partners_from_uniform(weights, draw):
+    """Inverse-CDF pick of a batch index per sample with probability weights / sum(weights); int32 [B].
+
+    A sample may draw itself, which leaves it unmixed.
+    """
+    cdf = ops.cumsum(weights) / ops.sum(weights)
+    index = ops.sum(ops.cast(cdf[None, :] <= draw[:, None], "int32"), axis=1)
+    return ops.minimum(index, ops.shape(weights)[0] - 1)
+
+
+def draw_partners(seed, weights):
+    """Partner indices [B] drawn from ``seed`` with probability proportional to ``weights`` [B]."""
+    return partners_from_uniform(weights, _uniform(seed, ops.shape(weights)))
+
+
+def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
+    """Class-weighted mixup with drawn numbers (see weighted_mixup)."""
+    masks = batch["masks"]
+    if organ_weights is None:
+        weights = ops.ones((ops.shape(masks)[0],), "float32")
+    else:
+        weights = slice_weights(masks, organ_weights)
+    partner = partners_from_uniform(weights, draws["partner"])
+    lam = beta_from_draws(draws, alpha)
+    image, lam_b = ops.cast(batch["image"], "float32"), lam[:, None, None, None]
+    out = dict(batch)
+    out["image"] = lam_b * image + (1.0 - lam_b) * ops.take(image, partner, axis=0)
+    for key in ("masks", "dist_maps", "annotated"):
+        out[f"partner_{key}"] = ops.take(batch[key], partner, axis=0)
+    out["lam"] = lam
+    return out
+
+
+def weighted_mixup(batch: dict, seed, organ_weights, alpha: float) -> dict:
+    """Class-weighted mixup: image <- lam * image + (1 - lam) * image[partner], lam ~ Beta(alpha, alpha).
+
+    The partner is drawn from the batch with probability proportional to :func:`slice_weights`
+    (``organ_weights`` [O], e.g. 1 / foreground-slice count; None: uniform). Targets are not mixed:
+    ``partner_masks``, ``partner_dist_maps``, ``partner_annotated`` and ``lam [B]`` are added.
+    """
+    batch_size = ops.shape(batch["masks"])[0]
+    draws = {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
+             **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
+    return apply_mixup(batch, draws, organ_weights, alpha)
+
+
+def apply_augmentation(batch: dict, draws: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    """Window, crop + warp and mixup of a batch with pre-drawn random numbers (no draws inside)."""
+    out = dict(batch)
+    out["image"] = window_image(batch["image"], config.window)
+    out["annotated"] = ops.cast(batch["annotated"], "float32")
+    out = apply_crop_and_warp(out, draws, config)
+    if config.mixup:
+        out = apply_mixup(out, draws, organ_weights, config.mixup_alpha)
+    return out
+
+
+def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) -> dict:
+    """The full training augmentation: window, crop + warp, weighted mixup (each per ``config``).
+
+    Args:
+        batch: dict with image [B,Hi,Wi,C] HU, masks / dist_maps [B,Hi,Wi,O], annotated [B,O].
+        seed: int32 [2] tensor (or int); the same seed gives the same batch.
+        config: which ops run and their parameters.
+        organ_weights: [O] mixup organ weights (see :func:`slice_weights`), or None.
+
+    Returns:
+        float32 dict with spatial keys at the crop size; with mixup also ``partner_*`` and ``lam``.
+    """
+    _, out_hw = output_hw(batch["image"], config)
+    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, config)
+    return apply_augmentation(batch, draws, config, organ_weights)

@@ -1,0 +1,272 @@
+"""tf.data input pipelines for training and validation, ending in Keras ``(x, y)`` pairs.
+
+The core builders take any ``tf.data.Dataset`` of parsed example dicts (the table in
+docs/ARCHITECTURE.md: ``image`` int16 HU [H,W,C], ``masks`` uint8 [H,W,O], ``dist_maps`` int8
+[H,W,O], ``annotated`` uint8 [O], plus ids that are dropped here); thin wrappers read them from a
+manifest with ``shards.read_split``. Training::
+
+    examples -> shuffle -> batch (drop remainder) -> cast + window -> crop + warp -> mixup -> pack -> prefetch
+
+where each batch carries its own stateless seed, so the stream is reproducible for a
+``PipelineConfig.seed`` and still differs from epoch to epoch. ``x`` is the windowed HU image
+[B,S,S,C] float32 (the model normalises it with :func:`intensity_stats`), ``y`` the packed target of
+``targets.pack_targets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from hnseg_keras import augment, targets
+from hnseg_keras.augment import AugmentConfig
+from hnseg_keras.errors import HnsegError
+
+EXAMPLE_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps", "annotated")
+_SEED_MODULUS = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How examples are read, shuffled, batched and buffered.
+
+    Attributes:
+        batch_size: slices per batch (training drops the last incomplete batch).
+        shuffle_buffer: examples in the shuffle buffer (memory: about 1.6 MB per 280^2 slice, 9 organs).
+        seed: seeds the shard order, the shuffle and every batch's augmentation seed.
+        parallel_reads: shards read at once (interleave cycle length).
+        parallel_calls: threads per map stage; -1 lets tf.data tune it (AUTOTUNE).
+        prefetch: batches prepared ahead; -1 = AUTOTUNE.
+        cache: None (no cache), "memory", or a file path prefix for tf.data's on-disk cache of the
+            parsed examples (before shuffling, so each epoch is still reshuffled and re-augmented).
+        augment_on_device: training yields ``(batch, seed)`` of windowed, uncropped batches; the
+            train step applies :func:`device_augment` (crop, warp, mixup on the accelerator).
+        jit_compile: run the deterministic part of the augmentation (resampling, mixup, packing) as
+            an XLA-compiled function inside tf.data (several times faster on CPU). The random draws
+            stay outside XLA: TF's default stateless generator under XLA on CPU is very slow.
+    """
+
+    batch_size: int = 16
+    shuffle_buffer: int = 512
+    seed: int = 0
+    parallel_reads: int = 8
+    parallel_calls: int = -1
+    prefetch: int = -1
+    cache: str | None = None
+    augment_on_device: bool = False
+    jit_compile: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise HnsegError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.shuffle_buffer < 1:
+            raise HnsegError(f"shuffle_buffer={self.shuffle_buffer}: must be >= 1 (1 = no shuffling)")
+
+
+def _tune(value: int) -> int:
+    return tf.data.AUTOTUNE if value < 0 else value
+
+
+def select_examples(examples: tf.data.Dataset) -> tf.data.Dataset:
+    """Keep only the tensors training uses (ids and spacing are dropped)."""
+    return examples.map(lambda example: {key: example[key] for key in EXAMPLE_KEYS})
+
+
+def _cache(dataset: tf.data.Dataset, cache: str | None) -> tf.data.Dataset:
+    if cache is None:
+        return dataset
+    return dataset.cache("" if cache == "memory" else str(cache))
+
+
+def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
+    """float32 copy of a batch with the image clipped to ``window`` (HU) or the plain HU range."""
+    return {
+        "image": augment.window_image(batch["image"], window),
+        "masks": tf.cast(batch["masks"], tf.float32),
+        "dist_maps": tf.cast(batch["dist_maps"], tf.float32),
+        "annotated": tf.cast(batch["annotated"], tf.float32),
+    }
+
+
+def batch_seeds(seed: int) -> tf.data.Dataset:
+    """Endless int32 [2] seeds, one per batch: (random draw, batch counter).
+
+    ``Dataset.random`` with ``rerandomize_each_iteration`` gives new draws each epoch, reproducibly
+    for ``seed``; the counter keeps seeds within an epoch distinct.
+    """
+    draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    counter = tf.data.Dataset.counter()
+    return tf.data.Dataset.zip(draws, counter).map(
+        lambda draw, count: tf.cast(tf.stack([draw % _SEED_MODULUS, count % _SEED_MODULUS]), tf.int32))
+
+
+def to_keras(batch: dict):
+    """``(x, y)``: x the image [B,H,W,C] float32; y = ``targets.pack_targets`` (with the partner if mixed)."""
+    partner, lam = None, None
+    if "lam" in batch:
+        partner = (batch["partner_masks"], batch["partner_dist_maps"], batch["partner_annotated"])
+        lam = batch["lam"]
+    y = targets.pack_targets(batch["masks"], batch["dist_maps"], batch["annotated"], partner=partner, lam=lam)
+    return batch["image"], y
+
+
+def device_augment(batch: dict, seed, augment_config: AugmentConfig, organ_weights=None):
+    """Augment a raw batch and pack it: ``augment_batch`` then :func:`to_keras` (jit-compatible)."""
+    return to_keras(augment.augment_batch(batch, seed, augment_config, organ_weights))
+
+
+def _augment_stages(config: AugmentConfig, weights, batch_size: int, jit_compile: bool):
+    """Three map functions: draw (+ window, warp field), resample (XLA if asked), mixup + pack.
+
+    Only the resampling is compiled: XLA on CPU is slow for TF's default stateless generator and
+    for the depthwise convolution of the elastic field, and gains nothing on mixup and packing.
+    """
+    def draw(batch, seed):
+        batch = cast_and_window(batch, config.window)
+        in_hw, out_hw = augment.output_hw(batch["image"], config)
+        draws = augment.draw_augmentation(seed, batch_size, out_hw, config)
+        field = augment.warp_from_draws(draws, out_hw, config)
+        fields = () if field is None else (field,)
+        return batch, augment.crop_offsets(draws["crop"], in_hw, out_hw), draws, fields
+
+    def resample(batch, offsets, draws, fields):
+        out_hw = augment.output_hw(batch["image"], config)[1]
+        return augment.resample_batch(batch, offsets, fields[0] if fields else None, out_hw), draws
+
+    def mix_and_pack(batch, draws):
+        if config.mixup:
+            batch = augment.apply_mixup(batch, draws, weights, config.mixup_alpha)
+        return to_keras(batch)
+
+    return draw, tf.function(resample, jit_compile=True) if jit_compile else resample, mix_and_pack
+
+
+def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,
+                        augment_config: AugmentConfig | None = None, organ_weights=None) -> tf.data.Dataset:
+    """Training batches ``(x, y)`` from a dataset of example dicts.
+
+    Args:
+        examples: dataset of example dicts with static spatial shapes.
+        pipeline_config: batching, shuffling, seeds, parallelism (None: defaults).
+        augment_config: window, crop, warp and mixup settings (None: paper defaults).
+        organ_weights: [O] mixup organ weights (:func:`organ_weights_from_manifest`) or None (uniform).
+
+    Returns:
+        ``(x [B,S,S,C], y [B,S,S,4O+1])`` float32 with S = crop size; with ``augment_on_device``
+        ``(batch dict at the input size, seed int32 [2])`` instead.
+    """
+    cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
+    calls = _tune(cfg.parallel_calls)
+    weights = None if organ_weights is None else tf.constant(np.asarray(organ_weights, np.float32))
+    ds = _cache(select_examples(examples), cfg.cache)
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    ds = tf.data.Dataset.zip(ds, batch_seeds(cfg.seed))
+    window = augment_config.window
+    if cfg.augment_on_device:
+        return ds.map(lambda b, s: (cast_and_window(b, window), s), num_parallel_calls=calls).prefetch(
+            _tune(cfg.prefetch))
+    stages = _augment_stages(augment_config, weights, cfg.batch_size, cfg.jit_compile)
+    for stage in stages:
+        ds = ds.map(stage, num_parallel_calls=calls)
+    return ds.prefetch(_tune(cfg.prefetch))
+
+
+def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,
+                             augment_config: AugmentConfig | None = None) -> tf.data.Dataset:
+    """Validation batches ``(x, y)``: no augmentation, centre crop to the training crop size, window.
+
+    The last batch may be smaller; ``y`` carries no mixup partner (lam = 1).
+    """
+    cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
+    calls = _tune(cfg.parallel_calls)
+    ds = _cache(select_examples(examples), cfg.cache).batch(cfg.batch_size)
+
+    def prepare(batch):
+        return to_keras(augment.centre_crop(cast_and_window(batch, augment_config.window), augment_config.crop_size))
+
+    return ds.map(prepare, num_parallel_calls=calls).prefetch(_tune(cfg.prefetch))
+
+
+# ----------------------------------------------------------------------------- manifest wrappers
+
+
+def _manifest(manifest_path):
+    from hnseg_keras.shards import Manifest
+
+    return Manifest.load(manifest_path)
+
+
+def _check_crop(manifest, augment_config: AugmentConfig, manifest_path) -> None:
+    size = augment_config.crop_size
+    height, width = manifest.image_shape[:2]
+    if size and (size > height or size > width):
+        raise HnsegError(f"{manifest_path}: crop_size {size} is larger than the slices ({height}x{width}); "
+                         f"choose crop_size <= {min(height, width)}")
+
+
+def organ_weights_from_manifest(manifest, split: str = "train") -> np.ndarray:
+    """float32 [O] mixup weights: 1 / foreground-slice count of each organ in ``split``.
+
+    An organ without foreground slices gets weight 1 (it never appears, so only the empty-slice
+    fallback of ``augment.slice_weights`` could see it).
+    """
+    if split not in manifest.splits:
+        raise HnsegError(f"manifest has no {split!r} split (it has {sorted(manifest.splits)}); prepare one")
+    organs = manifest.splits[split]["organs"]
+    counts = np.array([organs[name]["foreground_slices"] for name in manifest.organs], dtype=np.float64)
+    return (1.0 / np.maximum(counts, 1.0)).astype(np.float32)
+
+
+def intensity_stats(manifest, window: tuple[float, float] | None) -> tuple[float, float]:
+    """Exact mean and std (HU) of the train-split CT after clipping to ``window``.
+
+    Computed from the manifest's 1-HU ``intensity_histogram``; None clips to ``augment.HU_RANGE``.
+    The model's first layer clips to the same window and normalises with these two numbers.
+    """
+    histogram = manifest.intensity_histogram
+    counts = np.asarray(histogram.get("counts", []), dtype=np.float64)
+    if counts.sum() <= 0:
+        raise HnsegError("manifest intensity_histogram is empty (no train slices); prepare a train split")
+    hu = histogram["first_hu"] + histogram.get("bin_hu", 1) * np.arange(counts.size, dtype=np.float64)
+    low, high = window if window is not None else augment.HU_RANGE
+    clipped = np.clip(hu, low, high)
+    mean = float(np.sum(counts * clipped) / counts.sum())
+    std = float(np.sqrt(np.sum(counts * (clipped - mean) ** 2) / counts.sum()))
+    return mean, std
+
+
+def train_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
+                  augment_config: AugmentConfig | None = None, split: str = "train") -> tf.data.Dataset:
+    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights."""
+    from hnseg_keras.shards import read_split
+
+    pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
+    manifest = _manifest(manifest_path)
+    _check_crop(manifest, augment_config, manifest_path)
+    examples = read_split(manifest_path, split, shuffle_seed=pipeline_config.seed,
+                          cycle_length=pipeline_config.parallel_reads)
+    return build_train_dataset(examples, pipeline_config, augment_config,
+                               organ_weights_from_manifest(manifest, "train"))
+
+
+def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
+                       augment_config: AugmentConfig | None = None,
+                       split: str = "validation") -> tf.data.Dataset:
+    """:func:`build_validation_dataset` over ``split`` of a manifest (fixed order)."""
+    from hnseg_keras.shards import read_split
+
+    pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
+    manifest = _manifest(manifest_path)
+    _check_crop(manifest, augment_config, manifest_path)
+    examples = read_split(manifest_path, split, cycle_length=pipeline_config.parallel_reads)
+    return build_validation_dataset(examples, pipeline_config, augment_config)
+
+
+def without_augmentation(config: AugmentConfig) -> AugmentConfig:
+    """The same window and crop size with warps and mixup off (for previews and ablations)."""
+    return dataclasses.replace(config, warp_probability=0.0, mixup=False)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import keras_tuner
 
+from hnseg_keras import callbacks as cb
 from hnseg_keras import configs, training
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.training import TrainConfig
@@ -178,29 +179,11 @@ def tuned_fields(config: TrainConfig) -> dict:
 
 
 def build_compiled_model(config: TrainConfig, organs: list[str]):
-    """U-Net compiled with the masked SegmentationLoss, Adam and the Dice metrics, as training does.
-
-    Adapter: mirrors the build + compile lines of ``training._fit`` (which has no public builder yet).
-    ``config`` must be resolved for the data (``training.resolve_for_data``).
-    """
+    """``training.build_compiled_model`` with the trial's weight-initialisation seed applied first."""
     import keras
 
-    from hnseg_keras.losses import SegmentationLoss
-    from hnseg_keras.metrics import dice_metrics
-    from hnseg_keras.model import build_unet
-
     keras.utils.set_random_seed(config.seed)
-    policy = keras.mixed_precision.global_policy()
-    try:
-        if config.mixed_precision:
-            keras.mixed_precision.set_global_policy("mixed_float16")
-        model = build_unet(config.model)
-        loss = SegmentationLoss(config.model.num_organs, **dataclasses.asdict(config.loss))
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
-                      metrics=dice_metrics(organs))
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-    return model
+    return training.build_compiled_model(config, organs)
 
 
 class LossWeightHyperModel(keras_tuner.HyperModel):
@@ -235,7 +218,7 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
         config = execution_config(apply_values(self.base, hp.values), execution, int(epochs or self.epochs), run)
         resolved = configs.to_dict(config)
         try:
-            if training.check_run_folder(run, resolved) != "finished":
+            if cb.check_run_folder(run, resolved) != "finished":
                 if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
                     model.set_weights(build_compiled_model(config, self.organs).get_weights())
                 run.mkdir(parents=True, exist_ok=True)
@@ -287,24 +270,23 @@ def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
 
 def train_trial(config: TrainConfig, model, run: Path, manifest_path: Path, organs: list[str],
                 tuner_callbacks: list, initial_epoch: int = 0) -> None:
-    """Fit ``model`` (from ``build``) as ``training._fit`` does: same datasets, callbacks and epoch backup.
+    """Fit ``model`` (from ``build``) as ``hnseg train`` does: same datasets, callbacks and epoch backup.
 
-    Adapter over ``training._datasets`` / ``training._callbacks``; resumes from ``run/backup``.
+    Uses ``training.make_datasets`` / ``training.make_callbacks``; resumes from ``run/backup``.
     ``tuner_callbacks`` (KerasTuner's) run after the training callbacks.
     """
     import keras
 
-    from hnseg_keras import callbacks as cb
 
-    train_ds, val_ds, steps, val_steps = training._datasets(config, manifest_path, multi_worker=False)
+    train_ds, val_ds, steps, val_steps = training.make_datasets(config, manifest_path, multi_worker=False)
     resumed = cb.backup_epoch(run / "backup")
-    callbacks = training._callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
+    callbacks = training.make_callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))
     start = time.perf_counter()
     model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
               steps_per_epoch=steps, validation_steps=val_steps, callbacks=callbacks + tuner_callbacks,
               verbose=1 if sys.stdout.isatty() else 2, shuffle=False)
-    training.write_summary(run, config, "finished", time.perf_counter() - start,
+    cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start,
                            {"organs": organs, "data": str(manifest_path), "initial_epoch": initial_epoch,
                             "resumed_from_epoch": resumed})
 
@@ -314,7 +296,6 @@ def trial_result(run: Path) -> dict[str, float]:
 
     Read from ``history.csv`` so a resumed trial counts its epochs from before the kill too.
     """
-    from hnseg_keras import callbacks as cb
 
     history = cb.read_history(run / "history.csv")
     best = cb.best_row(history, OBJECTIVE)

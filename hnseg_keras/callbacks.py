@@ -1,0 +1,311 @@
+"""Training callbacks and run-folder helpers (state, history.csv, summary.json) of ``training.train``.
+
+Resuming: ``BackupAndRestore`` restores weights, optimizer state (learning rate included) and the
+epoch; the helpers here restore what it does not, from ``history.csv``: the best ``val_dice`` seen
+(so ``best.keras`` is not overwritten by a worse resumed epoch) and the plateau counter of
+``ReduceLROnPlateau``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+from scipy import ndimage
+
+from hnseg_keras import configs
+from hnseg_keras.errors import HnsegError
+from hnseg_keras.organs import CATALOGUE
+from hnseg_keras.targets import unpack_targets
+
+# Contour colours (RGB) by catalogue label value - 1; distinct on a grey CT.
+PALETTE = np.array([
+    (255, 64, 64), (255, 255, 0), (64, 160, 255), (255, 128, 0), (0, 255, 128), (255, 0, 255),
+    (0, 255, 255), (160, 255, 64), (255, 160, 200), (128, 128, 255), (255, 220, 128), (64, 255, 64),
+], dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------- history.csv
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Rows of a CSVLogger file as dicts of floats (``epoch`` 0-based); [] when missing."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        rows = []
+        for row in csv.DictReader(handle):
+            rows.append({key: _float(value) for key, value in row.items() if key})
+        return rows
+
+
+def _float(text: str | None) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def trim_history(path: str | os.PathLike, epochs: int) -> None:
+    """Keep only rows of epochs < ``epochs`` (a kill between the CSV row and the backup repeats an epoch)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        lines = list(csv.reader(handle))
+    if not lines:
+        return
+    header, rows = lines[0], lines[1:]
+    column = header.index("epoch") if "epoch" in header else 0
+    kept = [row for row in rows if row and _float(row[column]) < epochs]
+    if len(kept) == len(rows):
+        return
+    temp = path.with_name(f".{path.name}.tmp")
+    with temp.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *kept])
+    os.replace(temp, path)
+
+
+def backup_epoch(backup_dir: str | os.PathLike) -> int:
+    """Epochs completed according to a BackupAndRestore folder (0 when there is no backup)."""
+    path = Path(backup_dir) / "training_metadata.json"
+    if not path.is_file():
+        return 0
+    try:
+        return int(configs.read_json(path).get("epoch", 0))
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
+def best_row(history: list[dict[str, float]], monitor: str = "val_dice") -> dict[str, float] | None:
+    """The row with the highest finite ``monitor`` (the first one on ties), or None."""
+    rows = [row for row in history if math.isfinite(row.get(monitor, math.nan))]
+    return max(rows, key=lambda row: row[monitor]) if rows else None
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+def check_run_folder(run: Path, resolved: dict) -> str:
+    """``"new"``, ``"resume"`` (unfinished run of the same config) or ``"finished"`` (same config, done).
+
+    Raises HnsegError for a folder of something else or of a run with a different configuration.
+    """
+    if not run.exists():
+        return "new"
+    if not run.is_dir():
+        raise HnsegError(f"{run}: exists and is not a folder; choose another --out")
+    if not (run / "config.json").is_file():
+        if any(run.iterdir()):
+            raise HnsegError(f"{run}: is not empty and holds no training run (no config.json); choose another --out")
+        return "new"
+    stored = configs.read_json(run / "config.json")
+    summary = configs.read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
+    finished = summary.get("status") == "finished"
+    differs = _differences(stored, resolved)
+    if differs:
+        state = "a finished" if finished else "an unfinished"
+        raise HnsegError(f"{run}: holds {state} run of a different config ({', '.join(differs[:4])} differ); "
+                         "choose another --out or delete that folder")
+    return "finished" if finished else "resume"
+
+
+def _differences(stored, wanted, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (``out`` is ignored: a run folder may be moved)."""
+    if not isinstance(stored, dict) or not isinstance(wanted, dict):
+        return [] if stored == wanted else [prefix.rstrip(".") or "config"]
+    found = []
+    for key in sorted(set(stored) | set(wanted)):
+        if not prefix and key == "out":
+            continue
+        found += _differences(stored.get(key), wanted.get(key), f"{prefix}{key}.")
+    return found
+
+
+def write_summary(run: Path, epochs: int, status: str, session_seconds: float, extra: dict) -> dict:
+    """Write ``summary.json`` from ``history.csv``: best val_dice (overall and per organ), times."""
+    history = read_history(run / "history.csv")
+    best = best_row(history) or {}
+    organs = extra.get("organs", [])
+    summary = {
+        "status": status,
+        "epochs": epochs,
+        "epochs_run": len(history),
+        **extra,
+        "best_epoch_index": int(best["epoch"]) if best else None,
+        "best_val_dice": best.get("val_dice"),
+        "best_val_dice_per_organ": {name: best.get(f"val_dice_{name}") for name in organs},
+        "max_val_dice_per_organ": {
+            name: max((row.get(f"val_dice_{name}", math.nan) for row in history), default=None)
+            for name in organs
+        },
+        "final_val_dice": history[-1].get("val_dice") if history else None,
+        "train_time_s": sum(row.get("epoch_time_s", 0.0) for row in history),
+        "session_wall_time_s": session_seconds,
+    }
+    summary = json.loads(json.dumps(summary), parse_constant=lambda _: None)  # NaN -> null
+    configs.write_json_atomic(run / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- callbacks
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Adds ``epoch_time_s`` (wall seconds of the epoch, validation included) to the epoch logs.
+
+    Place it before CSVLogger / TensorBoard so they record it.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None and hasattr(self, "_start"):
+            logs["epoch_time_s"] = time.perf_counter() - self._start
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """ReduceLROnPlateau whose ``best`` and ``wait`` continue from earlier epochs of a resumed run.
+
+    Args:
+        history: rows of ``history.csv`` of the epochs already done (``read_history``).
+        other arguments: those of ``keras.callbacks.ReduceLROnPlateau``.
+    """
+
+    def __init__(self, history: list[dict[str, float]] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._history = list(history or [])
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        values = [row.get(self.monitor, math.nan) for row in self._history]
+        values = [value for value in values if math.isfinite(value)]
+        if not values:
+            return
+        best_index = max(range(len(values)), key=lambda i: (values[i], -i))
+        self.best = values[best_index]
+        # Epochs since the best, modulo reductions already made (each resets the counter).
+        self.wait = (len(values) - 1 - best_index) % max(1, self.patience)
+
+
+class ValidationImages(keras.callbacks.Callback):
+    """Each epoch, writes fixed validation slices with ground-truth and predicted contours to TensorBoard.
+
+    Each image is ``[H, 2W, 3]``: left the ground truth, right the prediction (``p >= 0.5``), as
+    one-pixel contours in each organ's colour over the soft-tissue-windowed centre CT channel.
+
+    Args:
+        dataset: batched validation ``(x [B,H,W,C] HU, y packed)`` dataset; the slices with the most
+            annotated organs in the first ``scan_batches`` batches are chosen, once.
+        organs: organ names in channel order (for the colours).
+        log_dir: folder of the image summaries (e.g. ``run/logs/images``).
+        count: number of slices shown.
+    """
+
+    def __init__(self, dataset, organs, log_dir, count: int = 4, scan_batches: int = 8,
+                 window: tuple[float, float] = (-155.0, 195.0)):
+        super().__init__()
+        self.organs = list(organs)
+        self.log_dir = str(log_dir)
+        self.window = window
+        self.x, self.masks = _pick_slices(dataset, len(self.organs), count, scan_batches)
+        self._writer = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.x is None or not len(self.x):
+            return
+        import tensorflow as tf  # summaries are TensorBoard's (tf) side, not model code
+
+        probabilities = keras.ops.convert_to_numpy(self.model(self.x, training=False))
+        images = [self.render(x, truth, prob >= 0.5)
+                  for x, truth, prob in zip(self.x, self.masks, probabilities, strict=True)]
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+        with self._writer.as_default():
+            tf.summary.image("validation_contours", np.stack(images), step=epoch, max_outputs=len(images))
+        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def render(self, x, truth, predicted) -> np.ndarray:
+        """uint8 [H, 2W, 3]: GT contours (left) and predicted contours (right) on the CT.
+
+        x: [H, W, C] HU; truth: [H, W, O] in {0, 1} (unannotated organs all 0); predicted: bool [H, W, O].
+        """
+        low, high = self.window
+        centre = x[..., x.shape[-1] // 2]
+        grey = np.clip((centre - low) / (high - low), 0.0, 1.0)
+        base = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+        panels = [base.copy(), base.copy()]
+        for channel, name in enumerate(self.organs):
+            colour = PALETTE[(CATALOGUE[name].label - 1) % len(PALETTE)] if name in CATALOGUE else PALETTE[0]
+            for panel, mask in zip(panels, (truth[..., channel] > 0.5, predicted[..., channel]), strict=True):
+                panel[contour(mask)] = colour
+        return np.concatenate(panels, axis=1)
+
+
+def contour(mask: np.ndarray) -> np.ndarray:
+    """bool [H, W]: pixels of ``mask`` with a 4-neighbour outside it (image border counts as outside)."""
+    mask = np.asarray(mask, bool)
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+
+
+def _pick_slices(dataset, num_organs: int, count: int, scan_batches: int):
+    """The ``count`` slices with the most annotated foreground organs: (x [N,H,W,C], masks [N,H,W,O])."""
+    xs, masks = [], []
+    for x, y in dataset.take(scan_batches):
+        xs.append(keras.ops.convert_to_numpy(x))
+        masks.append(keras.ops.convert_to_numpy(unpack_targets(y, num_organs).masks))
+    if not xs:
+        return None, None
+    x, mask = np.concatenate(xs), np.concatenate(masks)
+    organs_present = (mask.reshape(len(mask), -1, num_organs).max(axis=1) > 0).sum(axis=-1)
+    order = np.argsort(-organs_present, kind="stable")[:count]
+    order.sort()
+    return x[order].astype(np.float32), mask[order]
+
+
+def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
+    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename into place."""
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.tmp.keras")
+    try:
+        model.save(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Saves the model to ``path`` (atomically) whenever ``monitor`` exceeds the best so far (mode max).
+
+    Args:
+        path: ``.keras`` file, e.g. ``run/best.keras``.
+        monitor: epoch log key, ``val_dice`` by default.
+        best: best value of earlier epochs of a resumed run (-inf for a new run).
+    """
+
+    def __init__(self, path, monitor: str = "val_dice", best: float = -math.inf):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not math.isfinite(float(value)) or float(value) <= self.best:
+            return
+        self.best = float(value)
+        save_model_atomic(self.model, self.path)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# OpenKBP CPU training profile (issue 7), one command:
+#   prepare -> train -> export -> predict the validation split -> evaluate on the original CT grid.
+#
+#   scripts/openkbp.sh                 36-minute profile (configs/openkbp.json)
+#   scripts/openkbp.sh long            108-minute profile (configs/openkbp_long.json)
+#
+# Environment: OPENKBP_DATA (default ../shared/data/openkbp-hn), OPENKBP_WORK (default runs/openkbp),
+# OPENKBP_BUDGET_MIN (training wall-time cap; default 36 / 108), HNSEG (default .venv/bin/hnseg).
+# Every stage is resumable or skipped when done, so rerunning after an interruption continues.
+# Results: $OPENKBP_WORK/<profile>/pred/evaluation/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PROFILE=${1:-short}
+case "$PROFILE" in
+  short) CONFIG=configs/openkbp.json; BUDGET_MIN=${OPENKBP_BUDGET_MIN:-36} ;;
+  long) CONFIG=configs/openkbp_long.json; BUDGET_MIN=${OPENKBP_BUDGET_MIN:-108} ;;
+  *) echo "usage: scripts/openkbp.sh [short|long]" >&2; exit 2 ;;
+esac
+DATA=${OPENKBP_DATA:-../shared/data/openkbp-hn}
+WORK=${OPENKBP_WORK:-runs/openkbp}
+if [[ -z "${HNSEG:-}" ]]; then
+  if [[ -x .venv/bin/hnseg ]]; then HNSEG=.venv/bin/hnseg; else HNSEG=hnseg; fi
+fi
+PYTHON=${PYTHON:-$(dirname "$(command -v "$HNSEG")")/python}
+[[ -x "$PYTHON" ]] || PYTHON=python
+
+if [[ ! -d "$DATA/train" || ! -d "$DATA/validation" ]]; then
+  echo "openkbp: no OpenKBP data at $DATA (expects train/ and validation/ case folders);" \
+       "set OPENKBP_DATA to its folder. Skipping." >&2
+  exit 0
+fi
+export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+# Prepare flags from configs/openkbp_prepare.json (organs + slicing), so the JSON is the one source.
+read -r -a PREPARE_FLAGS < <("$PYTHON" - <<'EOF'
+from hnseg_keras import configs
+from hnseg_keras.prepare import PrepareConfig
+c = configs.from_dict(PrepareConfig, configs.read_json("configs/openkbp_prepare.json"))
+s = c.slicing
+spacing = "none" if s.spacing_mm is None else s.spacing_mm
+print("--organs", *c.organs, "--size", s.size, "--spacing", spacing, "--neighbours", s.neighbours,
+      "--empty-margin", s.empty_slice_margin, "--empty-share", s.empty_slice_share)
+EOF
+)
+ORGANS=$("$PYTHON" -c 'from hnseg_keras import configs; print(*configs.read_json("configs/openkbp_prepare.json")["organs"])')
+SHARDS=$WORK/shards
+RUN=$WORK/$PROFILE/run
+EXPORT=$WORK/$PROFILE/export
+PRED=$WORK/$PROFILE/pred
+
+echo "== prepare -> $SHARDS" >&2
+"$HNSEG" prepare "$DATA" --out "$SHARDS" "${PREPARE_FLAGS[@]}" --workers 2
+
+echo "== train ($CONFIG, wall-time budget $BUDGET_MIN min) -> $RUN   [load: $(cut -d' ' -f1-3 /proc/loadavg)]" >&2
+# `hnseg train` through its Python API plus one callback: stop after the epoch that would otherwise
+# overrun the wall-time budget (counted from process start: data loading, tracing, validation included).
+"$PYTHON" - "$CONFIG" "$SHARDS/manifest.json" "$RUN" "$BUDGET_MIN" <<'EOF'
+import dataclasses
+import sys
+import time
+
+START = time.monotonic()
+import keras  # noqa: E402
+
+from hnseg_keras import configs  # noqa: E402
+from hnseg_keras.training import load_config, train  # noqa: E402
+
+
+class WallTimeBudget(keras.callbacks.Callback):
+    """Stop when one more epoch (as long as the longest so far) would end past the budget."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.longest = seconds, 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.monotonic()
+        self.longest = max(self.longest, now - self.epoch_start)
+        if now - START + self.longest > self.seconds:
+            print(f"wall-time budget: stopping after epoch {epoch + 1} "
+                  f"({(now - START) / 60:.1f} of {self.seconds / 60:.1f} min)", file=sys.stderr)
+            self.model.stop_training = True
+
+
+config_file, data, out, minutes = sys.argv[1:5]
+config = dataclasses.replace(load_config(None, config_file), data=data, out=out)
+run = train(config, callbacks=[WallTimeBudget(float(minutes) * 60 - 30)])  # 30 s for the final save
+summary = configs.read_json(run / "summary.json")
+print(f"training: {summary['epochs_run']} epochs, process wall time {(time.monotonic() - START) / 60:.1f} min, "
+      f"best val_dice {summary['best_val_dice']:.3f}", file=sys.stderr)
+EOF
+
+echo "== export (final model) -> $EXPORT" >&2
+[[ -f "$EXPORT/metadata.json" ]] || "$HNSEG" export "$RUN" --out "$EXPORT" --which final
+
+echo "== predict validation -> $PRED" >&2
+"$HNSEG" predict "$DATA" --split validation --model "$EXPORT" --out "$PRED" --largest-component --force
+
+echo "== evaluate" >&2
+# shellcheck disable=SC2086  # ORGANS is a word list
+"$HNSEG" evaluate --pred "$PRED" --gt "$DATA/validation" --organs $ORGANS --force
+cat "$PRED/evaluation/results.md"

@@ -1,0 +1,293 @@
+"""Training: config resolution, run-folder rules, resume after a kill, Ctrl-C, multi-worker, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from hnseg_keras import callbacks as cb
+from hnseg_keras import cli, configs, training
+from hnseg_keras.errors import HnsegError
+from hnseg_keras.prepare import PrepareConfig, prepare
+from hnseg_keras.slicing import SlicingConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ORGANS = ("BrainStem", "Mandible", "Parotid_L")
+# Tiny S: 4 levels of 4..32 filters on 32 px crops of 40 px slices at 5 mm, 3 organs.
+TINY_OVERRIDES = [
+    "model.filters=[4,8,16,32]", "augment.crop_size=32", "augment.warp_probability=0.0",
+    "pipeline.batch_size=4", "pipeline.shuffle_buffer=64", "pipeline.parallel_reads=2", "image_slices=2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_phantom_root, tmp_path_factory) -> Path:
+    """Shards of the 5 tiny phantom cases (3 train / 1 validation / 1 test), 40 px at 5 mm, 3 organs."""
+    out = tmp_path_factory.mktemp("tiny_shards") / "shards"
+    config = PrepareConfig(organs=ORGANS, slicing=SlicingConfig(size=40, spacing_mm=5.0, empty_slice_share=0.0))
+    prepare(tiny_phantom_root, out, config)
+    return out / "manifest.json"
+
+
+def tiny_config(manifest: Path, out: Path, *extra: str) -> training.TrainConfig:
+    return training.load_config("S", None, [*TINY_OVERRIDES, f"data={manifest}", f"out={out}", *extra])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("variant", training.VARIANT_NAMES)
+def test_presets_round_trip_through_json(variant):
+    config = training.preset(variant)
+    again = configs.from_dict(training.TrainConfig, json.loads(json.dumps(configs.to_dict(config))))
+    assert again == config
+
+
+def test_presets_follow_the_paper():
+    large, mixup = training.preset("L"), training.preset("M")
+    for config in (large, mixup):
+        assert config.epochs == 200 and config.learning_rate == 1e-3
+        assert config.lr_factor == 0.5 and config.lr_patience == 10
+        assert config.model.filters == (64, 128, 256, 512, 1024)
+    assert large.model.units_per_level == 2 and mixup.model.units_per_level == 1
+    assert large.loss.boundary_weight == 0.0 and not large.augment.mixup
+    assert mixup.loss.boundary_weight > 0.0 and mixup.augment.mixup
+    assert training.preset("s").epochs < 200
+
+
+def test_load_config_layers_preset_file_and_overrides(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"variant": "M", "epochs": 7, "model": {"filters": [4, 8, 16, 32, 64]},
+                                "augment": {"mixup": False}}))
+    config = training.load_config(None, path, ["epochs=9", "loss.dice_weight=2"])
+    assert config.variant == "M" and config.epochs == 9 and config.loss.dice_weight == 2.0
+    assert config.model.filters == (4, 8, 16, 32, 64) and config.model.units_per_level == 1  # rest from M
+    assert config.loss.boundary_weight == training.preset("M").loss.boundary_weight
+    assert not config.augment.mixup
+    assert training.load_config("L", path).variant == "L"  # --variant wins over the file
+    assert training.load_config("L", path).model.units_per_level == 2
+    assert training.load_config().variant == "S"
+
+
+@pytest.mark.parametrize("content, overrides, fragment", [
+    ("{not json", [], "not valid JSON"),
+    ("[1, 2]", [], "JSON object"),
+    ('{"epochz": 3}', [], "epochz"),
+    ('{"model": {"filterz": [4]}}', [], "model.filterz"),
+    ("{}", ["epochs=0"], "epochs=0"),
+    ("{}", ["learning_rate=-1"], "learning_rate"),
+    ("{}", ["no_such_key=1"], "no_such_key"),
+])
+def test_bad_configs_raise_one_line_errors(tmp_path, content, overrides, fragment):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(HnsegError, match=fragment) as info:
+        training.load_config("S", path, overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(HnsegError, match="'XL'"):
+        training.load_config("XL")
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "nothing" / "manifest.json"
+    assert cli.main(["train", "--data", str(missing), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "\n" not in err and "hnseg prepare" in err
+    assert cli.main(["train", "--variant", "Q"]) == 2
+    assert "'Q'" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert cli.main(["train", "--config", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- run folder helpers
+
+
+def test_run_folder_states(tmp_path):
+    wanted = {"epochs": 3, "model": {"filters": [4, 8]}, "out": "a"}
+    run = tmp_path / "run"
+    assert cb.check_run_folder(run, wanted) == "new"
+    run.mkdir()
+    assert cb.check_run_folder(run, wanted) == "new"  # empty folder
+    configs.write_json_atomic(run / "config.json", {**wanted, "out": "moved"})
+    assert cb.check_run_folder(run, wanted) == "resume"
+    configs.write_json_atomic(run / "summary.json", {"status": "finished"})
+    assert cb.check_run_folder(run, wanted) == "finished"
+    with pytest.raises(HnsegError, match=r"finished run of a different config \(model.filters differ"):
+        cb.check_run_folder(run, {**wanted, "model": {"filters": [4, 16]}})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(HnsegError, match="no config.json"):
+        cb.check_run_folder(other, wanted)
+
+
+def test_history_helpers(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_dice\n0,1.0,0.1\n1,0.8,0.5\n2,0.7,0.4\n3,0.6,0.3\n")
+    history = cb.read_history(path)
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
+    assert cb.best_row(history)["epoch"] == 1
+    callback = cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", patience=10)
+    callback.on_train_begin()
+    assert callback.best == 0.5 and callback.wait == 2  # two epochs without improvement since the best
+    cb.trim_history(path, 2)
+    assert path.read_text() == "epoch,loss,val_dice\n0,1.0,0.1\n1,0.8,0.5\n"
+    assert cb.read_history(tmp_path / "missing.csv") == [] and cb.best_row([]) is None
+
+
+def test_contour_is_the_inner_outline():
+    mask = np.zeros((7, 7), bool)
+    mask[1:6, 1:6] = True  # 5x5 square: 16 outline pixels, 3x3 interior
+    outline = cb.contour(mask)
+    assert outline.sum() == 16 and not outline[2:5, 2:5].any() and outline[1, 1:6].all()
+    assert cb.contour(np.ones((3, 3), bool)).sum() == 8  # the image border counts as outside
+
+
+def test_validation_images_render_truth_left_and_prediction_right():
+    x = np.full((1, 8, 8, 1), 20.0, np.float32)  # mid-window grey
+    masks = np.zeros((1, 8, 8, 1), np.float32)
+    masks[0, 2:6, 2:6, 0] = 1.0
+    y = np.concatenate([masks, np.zeros((1, 8, 8, 2), np.float32), np.zeros_like(masks), np.ones_like(masks)], -1)
+    import tensorflow as tf
+
+    callback = cb.ValidationImages(tf.data.Dataset.from_tensors((x, y)), ["Mandible"], "/unused", count=1)
+    image = callback.render(x[0], masks[0], np.zeros((8, 8, 1), bool))
+    assert image.shape == (8, 16, 3) and image.dtype == np.uint8
+    colour = cb.PALETTE[2]  # Mandible has label 3
+    assert (image[:, :8][cb.contour(masks[0, ..., 0] > 0)] == colour).all()
+    assert (image[2, 8 + 2] == image[0, 0]).all()  # nothing predicted: right panel is plain CT
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+class _StopAfter(keras.callbacks.Callback):
+    """Raises ``error`` at the end of epoch ``epoch`` (after the built-in backup was written)."""
+
+    def __init__(self, epoch, error):
+        super().__init__()
+        self.epoch, self.error = epoch, error
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise self.error
+
+
+def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, tmp_path, capsys):
+    config = tiny_config(tiny_manifest, tmp_path / "run", "epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, callbacks=[_StopAfter(0, KeyboardInterrupt())])
+    run = tmp_path / "run"
+    assert (run / "interrupted.keras").is_file() and not (run / "final.keras").exists()
+    assert configs.read_json(run / "summary.json")["status"] == "interrupted"
+    assert cb.backup_epoch(run / "backup") == 1
+    capsys.readouterr()
+
+    assert training.train(config) == run  # resumes at the second epoch
+    printed = json.loads(capsys.readouterr().out.split("\nEpoch")[0])
+    assert printed["model"]["num_organs"] == 3 and printed["model"]["hu_std"] > 0
+    assert configs.read_json(run / "config.json") == printed
+    history = cb.read_history(run / "history.csv")
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert {"loss", "val_loss", "val_dice", "val_dice_Mandible", "learning_rate", "epoch_time_s"} <= set(history[0])
+    summary = configs.read_json(run / "summary.json")
+    assert summary["status"] == "finished" and summary["initial_epoch"] == 1 and summary["epochs_run"] == 2
+    assert summary["best_val_dice"] == max(row["val_dice"] for row in history)
+    assert set(summary["best_val_dice_per_organ"]) == set(ORGANS)
+    model = keras.saving.load_model(run / "final.keras")
+    assert model.output_shape == (None, None, None, 3)
+    assert (run / "best.keras").is_file() and not (run / "backup").exists()
+    assert list((run / "logs" / "images").iterdir()) and (run / "logs" / "validation").is_dir()
+    # The same config again returns at once; a different one is refused.
+    assert training.train(config) == run
+    assert cb.read_history(run / "history.csv") == history
+    with pytest.raises(HnsegError, match="finished run of a different config"):
+        training.train(tiny_config(tiny_manifest, tmp_path / "run", "epochs=3"))
+
+
+@pytest.mark.slow
+def test_short_fit_lowers_the_loss_and_raises_val_dice(tiny_manifest, tmp_path):
+    # 3 tiny train cases learn slowly at the paper's 1e-3; a larger step shows the trend in seconds.
+    config = tiny_config(tiny_manifest, tmp_path / "run", "epochs=25", "learning_rate=0.01")
+    run = training.train(config)
+    history = cb.read_history(run / "history.csv")
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert max(row["val_dice"] for row in history[-10:]) > history[0]["val_dice"] + 0.05
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_at_the_second_epoch(tiny_manifest, tmp_path):
+    """os._exit after the first epoch's backup (no cleanup at all), then the same config again."""
+    out = tmp_path / "run"
+    overrides = [*TINY_OVERRIDES, f"data={tiny_manifest}", f"out={out}", "epochs=3", "steps_per_epoch=2"]
+    script = textwrap.dedent(f"""
+        import os, keras
+        from hnseg_keras import training
+        class Kill(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                os._exit(17)
+        training.train(training.load_config("S", None, {overrides!r}), callbacks=[Kill()])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 17, result.stderr[-2000:]
+    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0]
+    training.train(training.load_config("S", None, overrides))
+    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0, 1, 2]
+    assert configs.read_json(out / "summary.json")["initial_epoch"] == 1
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(tiny_manifest, tmp_path):
+    out = tmp_path / "run"
+    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    overrides = [*TINY_OVERRIDES, f"data={tiny_manifest}", f"out={out}", "epochs=1", "steps_per_epoch=2"]
+    script = textwrap.dedent(f"""
+        import tensorflow as tf
+        from hnseg_keras import training
+        strategy = training.strategy_from_environment()
+        assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
+        assert strategy.num_replicas_in_sync == 2
+        training.train(training.load_config("S", None, {overrides!r}))
+    """)
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CONFIG": json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})}
+        processes.append(subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [process.communicate(timeout=600) for process in processes]
+    for process, (_, err) in zip(processes, results, strict=True):
+        assert process.returncode == 0, err[-3000:]
+    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0]
+    assert configs.read_json(out / "summary.json")["status"] == "finished"
+    assert (out / "final.keras").is_file() and not (tmp_path / ".run.worker-1").exists()
+
+
+def test_phantom_demo_config_file_is_the_s_preset():
+    """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
+    assert training.load_config(None, REPO / "configs" / "phantom_demo.json") == training.preset("S")

@@ -200,7 +200,10 @@ def _norm_act(x, config: UNetConfig, prefix: str):
 
 def _norm(x, config: UNetConfig, name: str):
     if config.norm == "batch":
-        return layers.BatchNormalization(name=name)(x)
+        # momentum 0.9 (PyTorch's default, which the paper trained with): Keras's 0.99 lets the
+        # moving statistics lag a few epochs behind the weights in short runs, and validation Dice
+        # then swings from epoch to epoch.
+        return layers.BatchNormalization(momentum=0.9, name=name)(x)
     if config.norm == "instance":
         return layers.GroupNormalization(groups=-1, name=name)(x)
     return x

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import replace_folder
 from hnseg_keras.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ def write_pddca_case(case: Case, folder: str | os.PathLike, overwrite: bool = Fa
         sitk.WriteImage(reference_image(case), str(tmp / "img.nrrd"), useCompression=True)
         for name, mask in case.masks.items():
             sitk.WriteImage(image_like(mask.astype(np.uint8), case), str(tmp / "structures" / f"{name}.nrrd"), True)
-        _replace_path(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -382,17 +383,6 @@ def write_label_map(
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _replace_path(tmp: Path, target: Path) -> None:
-    """Rename a finished temporary folder onto ``target``, moving an old one aside first."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_dicom_series(
@@ -451,7 +441,7 @@ def write_dicom_series(
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.save_as(tmp / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
-        _replace_path(tmp, folder)
+        replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -29,6 +29,7 @@ import numpy as np
 
 from hnseg_keras import __version__, configs
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import replace_folder
 from hnseg_keras.organs import label_value, resolve_organs
 from hnseg_keras.slicing import AIR_HU, SlicingConfig
 
@@ -155,7 +156,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
         write_saved_model(model, tmp / SAVED_MODEL_DIR, metadata["input"])
         metadata["self_check_max_abs_diff"] = _self_check(model, tmp / SAVED_MODEL_DIR, metadata["input"])
         configs.write_json_atomic(tmp / METADATA_FILE, metadata)
-        _replace_folder(tmp, out_dir)
+        replace_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -227,17 +228,6 @@ def _self_check(model, path: Path, geometry: dict) -> float:
         raise HnsegError(f"{path}: SavedModel differs from the Keras model by {worst:.2e} "
                          f"(> {SELF_CHECK_ATOL}); report this with the run folder")
     return worst
-
-
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Rename the finished ``tmp`` onto ``target``; an old ``target`` is moved aside, then deleted."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_metadata(folder: str | os.PathLike) -> dict:

@@ -268,6 +268,8 @@ def _paint_neuro(grid, draw):
     grid.paint(BRAINSTEM, _box((top + bottom) / 2, 40), z_tube(top, bottom, semi))
     chiasm = draw.at((0, -12, 0), sd=1.5)
     chiasm_semi = draw.size((7.0, 2.2, 2.0))
+    for angle in (32, -32):  # the suprasellar cistern: CSF around the chiasm gives it an outline
+        grid.paint(CSF, _box(chiasm, 14), ellipsoid(chiasm, chiasm_semi + 2.0, angle), only=(BRAIN,))
     for angle in (32, -32):  # two crossing bars: an X seen from above
         grid.paint(CHIASM, _box(chiasm, 12), ellipsoid(chiasm, chiasm_semi, angle))
     radius = 1.75 * draw.rng.uniform(0.87, 1.15)
@@ -314,7 +316,11 @@ def _paint_glands(grid, draw):
         centres[name] = centre
     for cls, name, side in ((SUBMAND_L, "Submandibular_L", 1), (SUBMAND_R, "Submandibular_R", -1)):
         centre = draw.at((28 * side, -30, -75))
-        grid.paint(cls, _box(centre, 20), ellipsoid(centre, draw.size((11, 12.5, 9)), -20 * side))
+        semi = draw.size((11, 12.5, 9))
+        # A thin fat plane separates the gland from the muscles around it, as in real CT; the gland's
+        # own HU stays that of muscle, so only the outline and position tell it apart.
+        grid.paint(FAT, _box(centre, 22), ellipsoid(centre, semi + 1.5, -20 * side), only=(MUSCLE,))
+        grid.paint(cls, _box(centre, 20), ellipsoid(centre, semi, -20 * side))
         centres[name] = centre
     return centres
 

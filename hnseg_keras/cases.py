@@ -339,11 +339,13 @@ def reference_image(case: Case) -> sitk.Image:
     return image_like(case.ct.astype(np.int16, copy=False), case)
 
 
-def write_pddca_case(case: Case, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+def write_pddca_case(case: Case, folder: str | os.PathLike, overwrite: bool = False,
+                     with_image: bool = True) -> Path:
     """Write ``case`` as ``folder/img.nrrd`` + ``folder/structures/<Name>.nrrd`` (gzip NRRD).
 
     The folder is built under a temporary name and renamed into place, so it is either
-    complete or absent. An existing folder is refused unless ``overwrite``.
+    complete or absent. An existing folder is refused unless ``overwrite``. ``with_image=False``
+    writes the structures alone (predicted masks beside a CT the user already has).
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
@@ -352,7 +354,8 @@ def write_pddca_case(case: Case, folder: str | os.PathLike, overwrite: bool = Fa
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         (tmp / "structures").mkdir(parents=True)
-        sitk.WriteImage(reference_image(case), str(tmp / "img.nrrd"), useCompression=True)
+        if with_image:
+            sitk.WriteImage(reference_image(case), str(tmp / "img.nrrd"), useCompression=True)
         for name, mask in case.masks.items():
             sitk.WriteImage(image_like(mask.astype(np.uint8), case), str(tmp / "structures" / f"{name}.nrrd"), True)
         replace_folder(tmp, folder)

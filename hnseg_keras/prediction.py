@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -32,7 +31,14 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_keras import configs
-from hnseg_keras.cases import IMAGE_SUFFIXES, Case, find_cases, image_like, read_case, write_label_map
+from hnseg_keras.cases import (
+    IMAGE_SUFFIXES,
+    Case,
+    find_cases,
+    read_case,
+    write_label_map,
+    write_pddca_case,
+)
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.organs import flip_permutation, label_value, resolve_organs
 from hnseg_keras.slicing import AIR_HU, SlicingConfig, compute_transform, extract_slices, to_original_grid
@@ -342,22 +348,10 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
 
 def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = False) -> Path:
     """``folder/structures/<Organ>.nrrd`` uint8 masks (every organ, empty ones too), built then renamed."""
-    import SimpleITK as sitk
-
     if folder.exists() and not force:
         raise HnsegError(f"{folder}: already exists; choose another --out or pass --force")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "structures").mkdir(parents=True)
-        for name, mask in seg.mask_dict().items():
-            sitk.WriteImage(image_like(mask, case), str(tmp / "structures" / f"{name}.nrrd"), useCompression=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return write_pddca_case(dataclasses.replace(case, masks=seg.mask_dict()), folder, overwrite=True,
+                            with_image=False)
 
 
 def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, force: bool = False) -> Path:

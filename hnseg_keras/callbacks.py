@@ -172,6 +172,80 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_time_s"] = time.perf_counter() - self._start
 
 
+class TrainingClock:
+    """Wall seconds spent training: those of earlier sessions of a resumed run plus this one's."""
+
+    def __init__(self, spent_before: float = 0.0, started: float | None = None, clock=time.monotonic):
+        self.clock = clock
+        self.start = (clock() if started is None else started) - spent_before
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+
+class WallTimeBudget(keras.callbacks.Callback):
+    """Stops training after the epoch when one more (as long as the longest so far) would overrun.
+
+    Args:
+        seconds: the budget.
+        clock: the run's ``TrainingClock`` (its start is the budget's start, loading included).
+    """
+
+    def __init__(self, seconds: float, clock: TrainingClock):
+        super().__init__()
+        self.seconds, self.clock = float(seconds), clock
+        self.longest = 0.0
+        self.stopped_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = self.clock.elapsed()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = self.clock.elapsed()
+        self.longest = max(self.longest, now - getattr(self, "_epoch_start", now))
+        if now + self.longest > self.seconds:
+            self.stopped_epoch = epoch
+            self.model.stop_training = True
+            print(f"wall-time budget: stopping after epoch {epoch + 1} ({now / 60:.1f} of "
+                  f"{self.seconds / 60:.1f} min; the next epoch would end past it)", flush=True)
+
+
+def cosine_learning_rate(base: float, progress: float, final_fraction: float = 0.01) -> float:
+    """Half-cosine from ``base`` (progress 0) to ``base * final_fraction`` (progress >= 1)."""
+    progress = min(max(float(progress), 0.0), 1.0)
+    floor = base * final_fraction
+    return floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class CosineSchedule(keras.callbacks.Callback):
+    """Sets the learning rate at each epoch start from the run's progress (0..1).
+
+    Progress is ``epoch / epochs``, or elapsed / ``seconds`` of the ``clock`` when a wall-time budget is
+    given (the number of epochs that fit is not known in advance). A resumed run continues the curve.
+    """
+
+    def __init__(self, base: float, epochs: int, seconds: float | None = None, clock: TrainingClock | None = None,
+                 final_fraction: float = 0.01):
+        super().__init__()
+        if seconds is not None and clock is None:
+            raise ValueError("a wall-time cosine schedule needs the run's clock")
+        self.base, self.epochs, self.seconds, self.clock = float(base), int(epochs), seconds, clock
+        self.final_fraction = final_fraction
+
+    def progress(self, epoch: int) -> float:
+        if self.seconds is not None:
+            return self.clock.elapsed() / self.seconds
+        return epoch / self.epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.rate = cosine_learning_rate(self.base, self.progress(epoch), self.final_fraction)
+        self.model.optimizer.learning_rate = self.rate
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:  # the plateau schedule logs it too; history.csv keeps one column
+            logs["learning_rate"] = self.rate
+
+
 class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose ``best`` and ``wait`` continue from earlier epochs of a resumed run.
 

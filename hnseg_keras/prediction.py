@@ -41,7 +41,14 @@ from hnseg_keras.cases import (
 )
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.organs import flip_permutation, label_value, resolve_organs
-from hnseg_keras.slicing import AIR_HU, SlicingConfig, compute_transform, extract_slices, to_original_grid
+from hnseg_keras.slicing import (
+    AIR_HU,
+    SlicingConfig,
+    compute_transform,
+    extract_slices,
+    field_of_view,
+    to_field_of_view,
+)
 
 THRESHOLD = 0.5
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
@@ -245,9 +252,10 @@ def _to_grid(probs: np.ndarray, transform, masks: np.ndarray, winner: np.ndarray
     width, height, _ = transform.original_size
     # The in-plane mapping does not depend on z, so a z-chunk maps with a chunk-sized transform.
     chunk_transform = dataclasses.replace(transform, original_size=(width, height, count))
-    grid = to_original_grid(probs, chunk_transform, order=1)  # float32 [n, Y, X, O]
-    masks[:, z0:z0 + count] = np.moveaxis(grid >= THRESHOLD, -1, 0)
-    winner[z0:z0 + count] = grid.argmax(axis=-1)
+    rows, columns = field_of_view(chunk_transform)  # outside it every probability is 0: nothing to write
+    grid = to_field_of_view(probs, chunk_transform, order=1)  # float32 [n, rows, columns, O]
+    masks[:, z0:z0 + count, rows, columns] = np.moveaxis(grid >= THRESHOLD, -1, 0)
+    winner[z0:z0 + count, rows, columns] = grid.argmax(axis=-1)
 
 
 def keep_largest_component(mask: np.ndarray) -> None:

@@ -12,6 +12,7 @@ original grid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -175,14 +176,35 @@ def _forward(image2d: np.ndarray, transform: SliceTransform, order: int, cval: f
     )
 
 
-def _inverse(slice2d: np.ndarray, transform: SliceTransform, order: int) -> np.ndarray:
-    """Resample one [H, W] slice-grid array back onto the original [Y, X] grid (float32, 0 outside)."""
+def field_of_view(transform: SliceTransform) -> tuple[slice, slice]:
+    """(rows, columns) of the original grid that the slice grid reaches; mapping back is zero elsewhere.
+
+    Slice pixel ``i`` samples original index ``start + ratio * i``; linear interpolation reaches one
+    slice pixel beyond the edge pixels, so the window spans ``start - ratio .. start + ratio * size``.
+    Mapping only this window makes prediction on a 512 px CT with a 280 px slice grid several times cheaper.
+    """
+    width, height, _ = transform.original_size
+    out_width, out_height = transform.output_size
+    windows = []
+    for start, ratio, size, limit in zip(transform.start_index, transform.ratio, (out_height, out_width),
+                                         (height, width), strict=True):
+        low = max(0, math.floor(start - ratio))
+        high = min(limit, math.ceil(start + ratio * size) + 1)
+        windows.append(slice(low, max(low, high)))
+    return windows[0], windows[1]
+
+
+def _inverse(slice2d: np.ndarray, transform: SliceTransform, order: int,
+             window: tuple[slice, slice]) -> np.ndarray:
+    """Resample one [H, W] slice-grid array onto the ``window`` of the original [Y, X] grid (float32)."""
     ry, rx = transform.ratio
     y0, x0 = transform.start_index
-    width, height, _ = transform.original_size
+    rows, columns = window
     return ndimage.affine_transform(
-        slice2d.astype(np.float32, copy=False), (1 / ry, 1 / rx), offset=(-y0 / ry, -x0 / rx),
-        output_shape=(height, width), order=order, mode="constant", cval=0.0, prefilter=False,
+        slice2d.astype(np.float32, copy=False), (1 / ry, 1 / rx),
+        offset=((rows.start - y0) / ry, (columns.start - x0) / rx),
+        output_shape=(rows.stop - rows.start, columns.stop - columns.start),
+        order=order, mode="constant", cval=0.0, prefilter=False,
     )
 
 
@@ -226,8 +248,20 @@ def to_original_grid(per_slice: np.ndarray, transform: SliceTransform, order: in
             binary masks, order 1 followed by ``>= 0.5`` gives the closest round trip (Dice >= 0.99 for
             a parotid-sized organ at 0.9 -> 1 mm); order 0 is exact only at equal spacing.
     Returns:
-        [Z, Y, X] or [Z, Y, X, O]; zero outside the field of view. Works one slice and channel at a
-        time so only the output is held at full size.
+        [Z, Y, X] or [Z, Y, X, O]; zero outside the field of view.
+    """
+    window = field_of_view(transform)
+    inside = to_field_of_view(per_slice, transform, order)
+    width, height, depth = transform.original_size
+    out = np.zeros((depth, height, width, *inside.shape[3:]), dtype=inside.dtype)
+    out[:, window[0], window[1]] = inside
+    return out
+
+
+def to_field_of_view(per_slice: np.ndarray, transform: SliceTransform, order: int = 0) -> np.ndarray:
+    """``to_original_grid`` restricted to ``field_of_view(transform)``: [Z, rows, columns(, O)].
+
+    Works one slice and channel at a time, so only the window is held at full size.
     """
     arr = np.asarray(per_slice)
     width, height, depth = transform.original_size
@@ -236,14 +270,16 @@ def to_original_grid(per_slice: np.ndarray, transform: SliceTransform, order: in
             f"per-slice array of shape {arr.shape} does not match the slice grid "
             f"[Z={depth}, H={transform.output_size[1]}, W={transform.output_size[0]}(, O)]"
         )
+    window = field_of_view(transform)
     squeeze = arr.ndim == 3
     arr = arr[..., None] if squeeze else arr
     dtype = arr.dtype if order == 0 else np.float32
-    out = np.zeros((depth, height, width, arr.shape[3]), dtype=dtype)
+    rows, columns = (w.stop - w.start for w in window)
+    out = np.zeros((depth, rows, columns, arr.shape[3]), dtype=dtype)
     for z in range(depth):
         for o in range(arr.shape[3]):
             if arr[z, :, :, o].any():
-                out[z, :, :, o] = _inverse(arr[z, :, :, o], transform, order).astype(dtype, copy=False)
+                out[z, :, :, o] = _inverse(arr[z, :, :, o], transform, order, window).astype(dtype, copy=False)
     return out[..., 0] if squeeze else out
 
 

@@ -78,6 +78,9 @@ class PhantomDataConfig:
     workers: int = 2
 
 
+LR_SCHEDULES = ("plateau", "cosine")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; ``config.json`` of a run folder is this, resolved.
@@ -90,7 +93,15 @@ class TrainConfig:
         loss: loss weights.
         epochs, learning_rate: Adam and the schedule (the batch size is ``pipeline.batch_size``,
             the global batch under a distribution strategy).
-        lr_factor, lr_patience: ReduceLROnPlateau on ``val_dice`` (paper: halve after 10 epochs).
+        lr_schedule: ``"plateau"`` (the paper's ReduceLROnPlateau on ``val_dice``: ``lr_factor`` after
+            ``lr_patience`` epochs without gain) or ``"cosine"`` (half-cosine from ``learning_rate`` to
+            1 % of it over the run: over ``max_train_minutes`` of wall time when set, else over
+            ``epochs``; a fixed budget is best spent ending at a small step, and the final model is
+            then the one to keep without choosing an epoch on validation data).
+        lr_factor, lr_patience: the plateau schedule's settings.
+        max_train_minutes: wall-time budget counted from the start of ``train`` (earlier sessions of a
+            resumed run count with their epoch times); training stops after the epoch that would
+            otherwise end past it. None: ``epochs`` alone decides.
         data: manifest.json (or its folder) of prepared shards; None prepares and uses ``phantom``.
         phantom: the built-in data set used when ``data`` is None.
         out: run folder; None gives ``runs/<data name>-<variant>``.
@@ -107,8 +118,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     epochs: int = 200
     learning_rate: float = 1e-3
+    lr_schedule: str = "plateau"
     lr_factor: float = 0.5
     lr_patience: int = 10
+    max_train_minutes: float | None = None
     data: str | None = None
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
     out: str | None = None
@@ -129,6 +142,13 @@ class TrainConfig:
             raise HnsegError(f"train config: learning_rate={self.learning_rate!r} must be a positive number")
         if not 0 < self.lr_factor < 1:
             raise HnsegError(f"train config: lr_factor={self.lr_factor!r} must be in (0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise HnsegError(f"train config: lr_schedule={self.lr_schedule!r} is unknown; "
+                             f"choose one of {', '.join(LR_SCHEDULES)}")
+        minutes = self.max_train_minutes
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float)
+                                    or not minutes > 0):
+            raise HnsegError(f"train config: max_train_minutes={minutes!r} must be a positive number or null")
 
 
 # ----------------------------------------------------------------------------- presets and loading
@@ -311,10 +331,14 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     built-in ones (after the epoch backup). Ctrl-C saves ``interrupted.keras`` and the summary, then
     re-raises KeyboardInterrupt.
     """
+    started = time.monotonic()
     strategy = strategy_from_environment()  # first: multi-worker collectives must be set up before any op
     multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
     if multi_worker and config.data is None:
         raise HnsegError("several workers (TF_CONFIG) need prepared data: run `hnseg prepare` once and pass --data")
+    if multi_worker and config.max_train_minutes is not None:
+        # Each worker would read its own clock and could stop (or set its learning rate) alone.
+        raise HnsegError("max_train_minutes needs a single worker; with several (TF_CONFIG) cap --epochs instead")
     out = Path(config.out) if config.out else default_out(config)
     manifest_path = manifest_path_of(config)
     config = dataclasses.replace(resolve_for_data(config, manifest_path), out=str(out))
@@ -333,14 +357,14 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         return run
     run.mkdir(parents=True, exist_ok=True)
     configs.write_json_atomic(run / "config.json", resolved)
-    _fit(config, strategy, run, manifest_path, chief, multi_worker, list(callbacks or []))
+    _fit(config, strategy, run, manifest_path, chief, multi_worker, list(callbacks or []), started)
     if not chief:
         shutil.rmtree(run, ignore_errors=True)
     return run
 
 
 def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: bool, multi_worker: bool,
-         extra_callbacks: list) -> None:
+         extra_callbacks: list, started: float) -> None:
     organs = list(Manifest.load(manifest_path).organs)
     keras.utils.set_random_seed(config.seed)
     train_ds, val_ds, steps, val_steps = make_datasets(config, manifest_path, multi_worker)
@@ -350,7 +374,10 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
     initial_epoch = cb.backup_epoch(run / "backup")
     if initial_epoch:
         print(f"resuming {run} after epoch {initial_epoch} of {config.epochs}", file=sys.stderr)
-    callbacks = make_callbacks(config, run, loss, val_ds, organs, initial_epoch) + extra_callbacks
+    spent_before = sum(row.get("epoch_time_s", 0.0) for row in cb.read_history(run / "history.csv")
+                       if row.get("epoch", math.inf) < initial_epoch)
+    clock = cb.TrainingClock(spent_before, started)
+    callbacks = make_callbacks(config, run, loss, val_ds, organs, initial_epoch, clock) + extra_callbacks
     callbacks.insert(len(callbacks) - len(extra_callbacks),
                      keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))
     verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
@@ -368,6 +395,8 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
               "from the last finished epoch", file=sys.stderr)
         raise
     cb.save_model_atomic(model, run / "final.keras")
+    budget = next((c for c in callbacks if isinstance(c, cb.WallTimeBudget)), None)
+    summary["stopped_by_budget"] = budget is not None and budget.stopped_epoch is not None
     cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start, summary)
 
 
@@ -428,16 +457,27 @@ def build_compiled_model(config: TrainConfig, organs: list[str]):
     return model
 
 
-def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial_epoch: int) -> list:
-    """The run's callbacks in order (log-writing ones after those that add log keys)."""
+def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial_epoch: int,
+                   clock: cb.TrainingClock | None = None) -> list:
+    """The run's callbacks in order (log-writing ones after those that add log keys).
+
+    ``clock`` times the wall-time budget and the wall-time cosine schedule (default: starts now).
+    """
+    clock = clock or cb.TrainingClock()
     cb.trim_history(run / "history.csv", initial_epoch)
     history = cb.read_history(run / "history.csv")
     best = cb.best_row(history)
+    budget = None if config.max_train_minutes is None else 60.0 * config.max_train_minutes
+    if config.lr_schedule == "cosine":
+        schedule = cb.CosineSchedule(config.learning_rate, config.epochs, budget, clock)
+    else:
+        schedule = cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", factor=config.lr_factor,
+                                                 patience=config.lr_patience, verbose=1)
     return [
         cb.EpochTimer(),
         BoundaryRamp(loss),
-        cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", factor=config.lr_factor,
-                                      patience=config.lr_patience, verbose=1),
+        schedule,
+        *([cb.WallTimeBudget(budget, clock)] if budget is not None else []),
         cb.BestCheckpoint(run / "best.keras", "val_dice", best["val_dice"] if best else -math.inf),
         cb.ValidationImages(val_ds, organs, run / "logs" / "images", count=config.image_slices,
                             window=config.augment.window or (-160.0, 240.0)),
@@ -489,6 +529,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="number of epochs")
     parser.add_argument("--batch-size", type=int, help="slices per (global) batch")
     parser.add_argument("--steps-per-epoch", type=int, help="training batches per epoch")
+    parser.add_argument("--max-minutes", type=float, dest="max_train_minutes",
+                        help="wall-time budget: stop after the epoch that would otherwise end past it")
     parser.add_argument("--out", help="run folder (default: runs/<data>-<variant>)")
     parser.add_argument("--config", metavar="FILE", help="JSON train config (partial; e.g. configs/phantom_demo.json)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -497,7 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.variant, args.config, args.overrides)
-    flags = {"data": args.data, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "out": args.out}
+    flags = {"data": args.data, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "out": args.out,
+             "max_train_minutes": args.max_train_minutes}
     config = dataclasses.replace(config, **{key: value for key, value in flags.items() if value is not None})
     if args.batch_size is not None:
         config = dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, batch_size=args.batch_size))

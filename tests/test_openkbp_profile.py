@@ -45,6 +45,15 @@ def test_train_config_loads_and_fits_the_slicing(name):
     assert config.steps_per_epoch * config.epochs * config.pipeline.batch_size > 0
 
 
+def test_budgets_fit_the_issue_and_the_long_run_anneals():
+    from hnseg_keras.training import load_config
+
+    short = load_config(None, REPO / "configs" / "openkbp.json")
+    long = load_config(None, REPO / "configs" / "openkbp_long.json")
+    assert short.max_train_minutes <= 36 and long.max_train_minutes <= 3 * 36
+    assert short.lr_schedule == "plateau" and long.lr_schedule == "cosine"
+
+
 def test_prepare_config_is_native_2p5d_for_the_four_organs():
     config = profile_prepare_config()
     assert config.organs == ORGANS

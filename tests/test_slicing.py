@@ -15,6 +15,7 @@ from hnseg_keras.slicing import (
     SlicingConfig,
     compute_transform,
     extract_slices,
+    field_of_view,
     select_slices,
     signed_distance,
     slice_case,
@@ -195,3 +196,27 @@ def test_bad_config_and_shapes_raise_one_line_errors():
     transform = compute_transform(make_case(), SlicingConfig(size=16))
     with pytest.raises(HnsegError, match="does not match the slice grid"):
         to_original_grid(np.zeros((3, 16, 16)), transform)
+
+
+@pytest.mark.parametrize("output_spacing, centre", [
+    ((1.0, 1.0), (30.0, 25.0)),      # native spacing, grid inside the CT
+    ((1.37, 0.83), (5.0, 60.0)),     # anisotropic ratios, grid hanging over two edges
+    ((0.5, 0.5), (40.0, 20.0)),      # finer slice grid than the CT
+])
+def test_mapping_back_only_the_field_of_view_changes_nothing(output_spacing, centre):
+    """The window must hold every voxel that a full-grid linear/nearest mapping makes nonzero."""
+    from scipy import ndimage
+
+    transform = SliceTransform(original_size=(70, 50, 3), original_spacing=(0.9, 1.1, 2.5),
+                               origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1),
+                               output_size=(24, 20), output_spacing=output_spacing, crop_centre_mm=centre)
+    per_slice = np.random.default_rng(0).uniform(0.1, 1.0, (3, 20, 24)).astype(np.float32)
+    ry, rx = transform.ratio
+    y0, x0 = transform.start_index
+    for order in (0, 1):
+        expected = np.stack([ndimage.affine_transform(
+            plane, (1 / ry, 1 / rx), offset=(-y0 / ry, -x0 / rx), output_shape=(50, 70), order=order,
+            mode="constant", cval=0.0, prefilter=False) for plane in per_slice])
+        np.testing.assert_allclose(to_original_grid(per_slice, transform, order=order), expected, atol=1e-6)
+    rows, columns = field_of_view(transform)
+    assert 0 < (rows.stop - rows.start) * (columns.stop - columns.start) < 50 * 70

@@ -291,3 +291,75 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
 def test_phantom_demo_config_file_is_the_s_preset():
     """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
     assert training.load_config(None, REPO / "configs" / "phantom_demo.json") == training.preset("S")
+
+
+# ----------------------------------------------------------------------------- schedule and budget
+
+
+def test_cosine_learning_rate_runs_from_base_to_one_percent():
+    assert cb.cosine_learning_rate(2e-3, 0.0) == pytest.approx(2e-3)
+    assert cb.cosine_learning_rate(2e-3, 0.5) == pytest.approx((2e-3 + 2e-5) / 2)
+    assert cb.cosine_learning_rate(2e-3, 1.0) == pytest.approx(2e-5)
+    assert cb.cosine_learning_rate(2e-3, 3.0) == pytest.approx(2e-5)  # past the end: stays at the floor
+    assert cb.cosine_learning_rate(1.0, 0.25, final_fraction=0.0) == pytest.approx(0.5 + 0.5 * np.cos(np.pi / 4))
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Model:
+    stop_training = False
+
+
+def test_wall_time_budget_stops_before_the_epoch_that_would_overrun():
+    ticks = _FakeClock()
+    clock = cb.TrainingClock(spent_before=5.0, clock=ticks)  # 5 s from an earlier session
+    budget = cb.WallTimeBudget(50.0, clock)
+    budget.set_model(_Model())
+    stopped = []
+    for epoch in range(10):
+        budget.on_epoch_begin(epoch)
+        ticks.now += 10.0 if epoch else 14.0  # the first epoch (tracing) is the longest
+        budget.on_epoch_end(epoch)
+        if budget.model.stop_training:
+            stopped.append(epoch)
+            break
+    # Elapsed after epochs 0, 1, 2: 19, 29, 39 s; 29 + 14 <= 50 continues, 39 + 14 > 50 stops.
+    assert stopped == [2] and budget.stopped_epoch == 2
+
+
+def test_cosine_schedule_follows_epochs_or_the_clock():
+    schedule = cb.CosineSchedule(1e-2, epochs=4)
+    assert [schedule.progress(epoch) for epoch in range(4)] == [0.0, 0.25, 0.5, 0.75]
+    ticks = _FakeClock()
+    timed = cb.CosineSchedule(1e-2, epochs=100, seconds=60.0, clock=cb.TrainingClock(clock=ticks))
+    ticks.now += 30.0
+    assert timed.progress(1) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["lr_schedule=linear"], "lr_schedule='linear' is unknown"),
+    (["max_train_minutes=0"], "max_train_minutes=0.0 must be a positive number"),
+])
+def test_bad_schedule_settings_are_refused(overrides, fragment):
+    with pytest.raises(HnsegError, match=fragment):
+        training.load_config("S", None, overrides)
+
+
+def test_cosine_run_under_a_budget_logs_a_falling_learning_rate(tiny_manifest, tmp_path):
+    config = tiny_config(tiny_manifest, tmp_path / "run", "epochs=4", "steps_per_epoch=2", "learning_rate=0.01",
+                         "lr_schedule=cosine")
+    run = training.train(config)
+    rates = [row["learning_rate"] for row in cb.read_history(run / "history.csv")]
+    assert rates == pytest.approx([cb.cosine_learning_rate(0.01, epoch / 4) for epoch in range(4)], rel=1e-5)
+    # A budget far below one epoch stops after the first (an epoch always finishes; tiny runs take seconds).
+    budgeted = training.train(tiny_config(tiny_manifest, tmp_path / "budget", "epochs=5", "steps_per_epoch=2",
+                                          "max_train_minutes=0.001"))
+    summary = configs.read_json(budgeted / "summary.json")
+    assert summary["epochs_run"] == 1 and summary["stopped_by_budget"] is True
+    assert (budgeted / "final.keras").is_file()

@@ -17,6 +17,7 @@ from hnseg_keras.errors import HnsegError
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("hnseg_keras.phantom", "write synthetic head-and-neck CT cases (PDDCA layout)"),
     "prepare": ("hnseg_keras.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
+    "arrays": ("hnseg_keras.arrays", "write one prepared split as a compressed .npz (for backends without TensorFlow)"),
     "preview": ("hnseg_keras.preview", "write a PNG grid of augmented training slices"),
     "train": ("hnseg_keras.training", "train a residual U-Net on prepared shards"),
     "tune": ("hnseg_keras.tuning", "KerasTuner search over loss weights and learning rate"),

@@ -1,0 +1,233 @@
+"""A prepared split as one compressed ``.npz`` of plain arrays, for backends without TensorFlow.
+
+The GPU machine this project borrows runs Keras on JAX and has no TensorFlow, so it cannot read the
+TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a manifest into an
+``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RandomCropBatches` feeds
+``model.fit`` under any backend with the same ``(x, y)`` contract as the tf.data pipeline
+(x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only.
+
+Compact on purpose (a call to that machine carries at most 64 MiB):
+
+- ``planes`` uint8 [P, H, W]: every CT plane once (a 2.5D example's neighbours are shared with the
+  examples next to it), quantised over the training window (``window``; 350 HU / 255 = 1.4 HU steps,
+  well under CT noise; the model clips to the same window first, so nothing outside it is lost);
+- ``channels`` int32 [N, 2k+1]: each example's planes, centre at k; a smaller k is a view (`neighbours`);
+- ``masks`` uint8 [N, H, W]: bit o set where organ o is inside (at most 8 organs);
+- ``annotated`` uint8 [N, O]; ``case_ids``, ``slice_index`` [N]; ``meta``: JSON (organs, slicing,
+  window, HU statistics of the train split, source manifest).
+
+Distance maps are not carried: the boundary loss cannot train from this format (targets hold zeros).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from hnseg_keras import targets
+from hnseg_keras.errors import HnsegError
+
+FORMAT = "hnseg-slice-arrays/1"
+MAX_ORGANS = 8
+
+
+@dataclass
+class SliceArrays:
+    """One split in memory; see the module docstring for each field."""
+
+    planes: np.ndarray
+    channels: np.ndarray
+    masks: np.ndarray
+    annotated: np.ndarray
+    case_ids: np.ndarray
+    slice_index: np.ndarray
+    meta: dict
+
+    @property
+    def organs(self) -> list[str]:
+        return list(self.meta["organs"])
+
+    @property
+    def window(self) -> tuple[float, float]:
+        low, high = self.meta["window"]
+        return float(low), float(high)
+
+    def __len__(self) -> int:
+        return int(self.channels.shape[0])
+
+    def neighbours(self, k: int) -> SliceArrays:
+        """The same examples with k neighbours each side (k at most the stored k)."""
+        stored = (self.channels.shape[1] - 1) // 2
+        if not 0 <= k <= stored:
+            raise HnsegError(f"arrays hold {stored} neighbour(s) each side; choose --neighbours 0..{stored}")
+        meta = dict(self.meta, slicing=dict(self.meta["slicing"], neighbours=k))
+        return SliceArrays(self.planes, self.channels[:, stored - k:stored + k + 1], self.masks, self.annotated,
+                           self.case_ids, self.slice_index, meta)
+
+    def images(self, index) -> np.ndarray:
+        """float32 HU [n, H, W, C] of the examples in ``index`` (within the window)."""
+        low, high = self.window
+        planes = self.planes[self.channels[index]]  # [n, C, H, W]
+        return np.moveaxis(planes, 1, -1).astype(np.float32) * np.float32((high - low) / 255.0) + np.float32(low)
+
+    def organ_masks(self, index) -> np.ndarray:
+        """uint8 [n, H, W, O] binary masks of the examples in ``index``."""
+        bits = np.arange(len(self.organs), dtype=np.uint8)
+        return (self.masks[index][..., None] >> bits) & 1
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temporary file beside ``path``, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, planes=self.planes, channels=self.channels, masks=self.masks,
+                                    annotated=self.annotated, case_ids=self.case_ids,
+                                    slice_index=self.slice_index, meta=np.array(json.dumps(self.meta)))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SliceArrays:
+        path = Path(path)
+        if not path.is_file():
+            raise HnsegError(f"{path}: no such arrays file; write one with `hnseg arrays MANIFEST --out FILE`")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                fields = {key: data[key] for key in ("planes", "channels", "masks", "annotated", "case_ids",
+                                                     "slice_index")}
+        except (OSError, ValueError, KeyError) as error:
+            raise HnsegError(f"{path}: not a readable hnseg arrays file ({error})") from None
+        if meta.get("format") != FORMAT:
+            raise HnsegError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; rewrite it with "
+                             "`hnseg arrays`")
+        return cls(meta=meta, **fields)
+
+
+def quantise(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """uint8 codes of HU clipped to ``window`` (0 = low end, 255 = high end)."""
+    low, high = window
+    scaled = (np.clip(hu.astype(np.float32), low, high) - low) * np.float32(255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def from_examples(examples, organs, slicing: dict, window: tuple[float, float], extra_meta: dict | None = None
+                  ) -> SliceArrays:
+    """Build arrays from parsed example dicts (numpy: image [H,W,C] int16, masks [H,W,O], annotated,
+    case_id, slice_index), deduplicating the planes a 2.5D example shares with its neighbours."""
+    if len(organs) > MAX_ORGANS:
+        raise HnsegError(f"{len(organs)} organs: the arrays format packs at most {MAX_ORGANS} per pixel")
+    plane_ids: dict[tuple[str, int], int] = {}
+    planes, channels, masks, annotated, case_ids, slice_index = [], [], [], [], [], []
+    bits = (1 << np.arange(len(organs))).astype(np.uint8)
+    for example in examples:
+        image = np.asarray(example["image"])
+        case_id = example["case_id"]
+        case_id = case_id.decode() if isinstance(case_id, bytes) else str(case_id)
+        centre, k = int(example["slice_index"]), (image.shape[-1] - 1) // 2
+        row = []
+        for j in range(image.shape[-1]):
+            key = (case_id, centre + j - k)  # unclamped: planes repeated at the volume ends stay distinct
+            if key not in plane_ids:
+                plane_ids[key] = len(planes)
+                planes.append(quantise(image[..., j], window))
+            row.append(plane_ids[key])
+        channels.append(row)
+        masks.append((np.asarray(example["masks"]).astype(np.uint8) * bits).sum(axis=-1, dtype=np.uint8))
+        annotated.append(np.asarray(example["annotated"]).astype(np.uint8))
+        case_ids.append(case_id)
+        slice_index.append(centre)
+    if not channels:
+        raise HnsegError("no examples to write")
+    meta = {"format": FORMAT, "organs": list(organs), "slicing": dict(slicing), "window": [float(v) for v in window],
+            **(extra_meta or {})}
+    return SliceArrays(np.stack(planes), np.asarray(channels, np.int32), np.stack(masks), np.stack(annotated),
+                       np.asarray(case_ids), np.asarray(slice_index, np.int32), meta)
+
+
+class RandomCropBatches(keras.utils.PyDataset):
+    """``len`` random batches ``(x, y)``: examples drawn uniformly with replacement, each randomly
+    cropped to ``crop`` px; batch ``i`` depends only on ``(seed, i)``, so workers may build it in any order."""
+
+    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, crop: int | None, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        height, width = arrays.planes.shape[1:]
+        if crop is not None and not 0 < crop <= min(height, width):
+            raise HnsegError(f"crop {crop} must be 1..{min(height, width)} for {height}x{width} slices")
+        self.arrays, self.batch_size, self.steps, self.seed = arrays, batch_size, steps, seed
+        self.crop = crop or min(height, width)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, i])
+        index = rng.integers(0, len(self.arrays), self.batch_size)
+        height, width = self.arrays.planes.shape[1:]
+        ys = rng.integers(0, height - self.crop + 1, self.batch_size)
+        xs = rng.integers(0, width - self.crop + 1, self.batch_size)
+        rows = ys[:, None] + np.arange(self.crop)  # [B, crop]
+        cols = xs[:, None] + np.arange(self.crop)
+        take = (np.arange(self.batch_size)[:, None, None], rows[:, :, None], cols[:, None, :])
+        images = self.arrays.images(index)[take]
+        masks = self.arrays.organ_masks(index)[take]
+        y = targets.pack_targets(masks, np.zeros(masks.shape, np.float32), self.arrays.annotated[index])
+        return images, keras.ops.convert_to_numpy(y)
+
+
+# ----------------------------------------------------------------------------- CLI (TensorFlow side)
+
+
+def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.PathLike,
+                 window: tuple[float, float] | None = None, force: bool = False) -> Path:
+    """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards)."""
+    from hnseg_keras import augment, pipeline
+    from hnseg_keras.shards import Manifest, read_split
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise HnsegError(f"{out} exists; pass --force to replace it")
+    manifest_path = Path(manifest_path)
+    if manifest_path.is_dir():
+        manifest_path = manifest_path / "manifest.json"
+    manifest = Manifest.load(manifest_path)
+    window = tuple(window) if window is not None else augment.AugmentConfig().window
+    hu_mean, hu_std = pipeline.intensity_stats(manifest, window)
+    examples = read_split(manifest_path, split).as_numpy_iterator()
+    arrays = from_examples(examples, manifest.organs, manifest.slicing, window,
+                           {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
+                            "manifest": str(manifest_path.resolve())})
+    return arrays.save(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("manifest", metavar="MANIFEST", help="manifest.json (or its folder) from `hnseg prepare`")
+    parser.add_argument("--out", required=True, help=".npz file to write")
+    parser.add_argument("--split", default="train", help="split to write (default train)")
+    parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="HU window the planes are quantised over (default: the augmentation's, -155 195)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.window is not None and not args.window[0] < args.window[1]:
+        raise HnsegError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
+    path = export_split(args.manifest, args.split, args.out, args.window, args.force)
+    arrays = SliceArrays.load(path)
+    print(f"wrote {path}: {len(arrays)} {args.split} slices, {arrays.planes.shape[0]} planes, "
+          f"{path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)
+    return 0

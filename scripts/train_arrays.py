@@ -69,6 +69,9 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=80)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--focal-weight", type=float, default=1.0)
+    parser.add_argument("--dice-weight", type=float, default=1.0)
+    parser.add_argument("--gamma", type=float, default=2.0, help="focal exponent (0 = cross-entropy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None, help="stop early after this much training")
     parser.add_argument("--workers", type=int, default=4, help="threads building batches")
@@ -114,8 +117,9 @@ def main(argv=None) -> int:
     epochs = max(1, min(args.epochs, args.steps))
     per_epoch = args.steps // epochs
     schedule = keras.optimizers.schedules.CosineDecay(args.lr, decay_steps=per_epoch * epochs, alpha=0.01)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=SegmentationLoss(len(organs)),
-                  metrics=dice_metrics(organs))
+    loss = SegmentationLoss(len(organs), focal_weight=args.focal_weight, dice_weight=args.dice_weight,
+                            gamma=args.gamma)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=dice_metrics(organs))
     batches = EpochDraws(arrays, args.batch_size, per_epoch, args.crop, seed=args.seed, workers=args.workers,
                          use_multiprocessing=False)
     clock = WallClockStop(None if args.max_minutes is None else 60.0 * args.max_minutes)

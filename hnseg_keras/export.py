@@ -106,17 +106,24 @@ def run_metadata(run_dir: str | os.PathLike) -> dict:
         raise HnsegError(f"{data}: the run's data manifest is missing (named in {run_dir / 'config.json'}); "
                          "restore the prepared data or point 'data' in config.json at its manifest.json")
     manifest = Manifest.load(manifest_path)
-    organs = list(resolve_organs(manifest.organs))
-    slicing = configs.from_dict(SlicingConfig, manifest.slicing)
     height, width, channels = (int(v) for v in manifest.image_shape)
+    return model_metadata(manifest.organs, manifest.slicing, (height, width, channels),
+                          str(Path(manifest_path).resolve()), config.get("model"))
+
+
+def model_metadata(organs, slicing: dict, image_shape: tuple[int, int, int], manifest: str | None,
+                   model_config: dict | None) -> dict:
+    """The metadata prediction needs beside a model: organs and labels, slicing, input geometry."""
+    organs = list(resolve_organs(organs))
+    height, width, channels = image_shape
     return {
         "organs": organs,
         "labels": {name: label_value(name) for name in organs},
-        "slicing": configs.to_dict(slicing),
+        "slicing": configs.to_dict(configs.from_dict(SlicingConfig, slicing)),
         "input": {"name": "ct", "height": height, "width": width, "channels": channels,
                   "dtypes": ["float32", "int16"], "units": "HU", "pad_hu": AIR_HU},
-        "manifest": str(Path(manifest_path).resolve()),
-        "model_config": config.get("model"),
+        "manifest": manifest,
+        "model_config": model_config,
     }
 
 

@@ -23,12 +23,10 @@ import keras
 from hnseg_keras import configs
 from hnseg_keras.arrays import RandomCropBatches, SliceArrays
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.export import METADATA_FORMAT
+from hnseg_keras.export import METADATA_FORMAT, model_metadata
 from hnseg_keras.losses import SegmentationLoss
 from hnseg_keras.metrics import dice_metrics
 from hnseg_keras.model import UNetConfig, build_unet
-from hnseg_keras.organs import label_value
-from hnseg_keras.slicing import AIR_HU
 
 
 class WallClockStop(keras.callbacks.Callback):
@@ -79,21 +77,6 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def metadata(arrays: SliceArrays, model_config: UNetConfig, height: int, width: int) -> dict:
-    """What prediction needs to run ``final.keras`` on CT volumes (the fields of an export's metadata)."""
-    channels = model_config.input_channels
-    return {
-        "format": METADATA_FORMAT,
-        "organs": arrays.organs,
-        "labels": {name: label_value(name) for name in arrays.organs},
-        "slicing": arrays.meta["slicing"],
-        "input": {"name": "ct", "height": height, "width": width, "channels": channels,
-                  "dtypes": ["float32", "int16"], "units": "HU", "pad_hu": AIR_HU},
-        "manifest": arrays.meta.get("manifest"),
-        "model_config": configs.to_dict(model_config),
-    }
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     for name in ("steps", "epochs", "batch_size"):
@@ -135,7 +118,10 @@ def main(argv=None) -> int:
     inference.save(tmp)
     tmp.replace(out / "final.keras")
     height, width = arrays.planes.shape[1:]
-    configs.write_json_atomic(out / "metadata.json", metadata(arrays, model_config, height, width))
+    metadata = model_metadata(arrays.organs, arrays.meta["slicing"], (height, width, model_config.input_channels),
+                              arrays.meta.get("manifest"), configs.to_dict(model_config))
+    metadata["format"] = METADATA_FORMAT  # read_metadata's marker; a .keras file with it needs no run folder
+    configs.write_json_atomic(out / "metadata.json", metadata)
     last = {key: float(values[-1]) for key, values in history.history.items()}
     summary = {"args": vars(args), "backend": keras.backend.backend(), "device": _device(),
                "parameters": int(model.count_params()), "steps_done": clock.steps,

@@ -33,16 +33,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256, help="square slice size in pixels")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--organs", type=int, default=9)
+    parser.add_argument("--channels", type=int, default=1, help="input slices (2k+1 for 2.5D)")
+    parser.add_argument("--policy", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16"),
+                        help="keras.mixed_precision policy the model is built under")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one traces)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
 
 
-def random_batch(batch_size: int, size: int, organs: int, seed: int = 0):
-    """Random HU images [B, S, S, 1] and packed targets with square organs and flat distance maps."""
+def random_batch(batch_size: int, size: int, organs: int, channels: int = 1, seed: int = 0):
+    """Random HU images [B, S, S, C] and packed targets with square organs and flat distance maps."""
     rng = np.random.default_rng(seed)
-    images = rng.uniform(-1024, 1500, (batch_size, size, size, 1)).astype("float32")
+    images = rng.uniform(-1024, 1500, (batch_size, size, size, channels)).astype("float32")
     masks = np.zeros((batch_size, size, size, organs), "float32")
     for organ in range(organs):
         top = rng.integers(0, size // 2)
@@ -55,10 +58,11 @@ def random_batch(batch_size: int, size: int, organs: int, seed: int = 0):
 def time_variant(variant: str, args: argparse.Namespace) -> dict:
     """Build, compile and time one variant; returns its result row."""
     keras.backend.clear_session()
-    model = build_unet(variant_config(variant, num_organs=args.organs))
+    keras.mixed_precision.set_global_policy(args.policy)
+    model = build_unet(variant_config(variant, num_organs=args.organs, input_channels=args.channels))
     loss = SegmentationLoss(args.organs, boundary_weight=0.01)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
-    images, targets = random_batch(args.batch_size, args.size, args.organs)
+    images, targets = random_batch(args.batch_size, args.size, args.organs, args.channels)
     start = time.perf_counter()
     for _ in range(args.warmup):
         model.train_on_batch(images, targets)
@@ -71,6 +75,7 @@ def time_variant(variant: str, args: argparse.Namespace) -> dict:
     step_s = float(np.median(times))
     return {
         "variant": variant,
+        "policy": args.policy,
         "parameters": int(model.count_params()),
         "warmup_s": round(warmup_s, 3),
         "step_s_median": round(step_s, 4),
@@ -86,8 +91,8 @@ def main(argv=None) -> int:
     for variant in args.variants:
         print(f"timing {variant} ...", file=sys.stderr, flush=True)
         rows.append(time_variant(variant, args))
-    print(f"\ntrain step, batch {args.batch_size} x {args.size}x{args.size}, {args.organs} organs, "
-          f"{os.cpu_count()} CPUs, backend {keras.backend.backend()}")
+    print(f"\ntrain step, batch {args.batch_size} x {args.size}x{args.size}x{args.channels}, {args.organs} organs, "
+          f"policy {args.policy}, {os.cpu_count()} CPUs, backend {keras.backend.backend()}")
     print(f"{'variant':<8}{'params':>12}{'step s (median)':>17}{'step s (min)':>14}{'s/slice':>10}")
     for row in rows:
         print(f"{row['variant']:<8}{row['parameters']:>12,}{row['step_s_median']:>17.3f}"
@@ -98,6 +103,8 @@ def main(argv=None) -> int:
             "size": args.size,
             "batch_size": args.batch_size,
             "organs": args.organs,
+            "channels": args.channels,
+            "policy": args.policy,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
             "backend": keras.backend.backend(),

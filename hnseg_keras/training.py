@@ -40,7 +40,14 @@ from hnseg_keras.losses import BoundaryRamp, SegmentationLoss
 from hnseg_keras.metrics import dice_metrics
 from hnseg_keras.model import UNetConfig, build_unet, variant_config
 from hnseg_keras.phantom import PhantomConfig
-from hnseg_keras.pipeline import PipelineConfig, intensity_stats, train_dataset, validation_dataset
+from hnseg_keras.pipeline import (
+    PipelineConfig,
+    device_augment,
+    intensity_stats,
+    organ_weights_from_manifest,
+    train_dataset,
+    validation_dataset,
+)
 from hnseg_keras.prepare import PhantomSource, PrepareConfig, prepare
 from hnseg_keras.shards import Manifest
 from hnseg_keras.slicing import SlicingConfig
@@ -370,6 +377,9 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
     train_ds, val_ds, steps, val_steps = make_datasets(config, manifest_path, multi_worker)
     with strategy.scope():
         model = build_compiled_model(config, organs)
+    augment = device_augmentation(config, manifest_path)
+    if augment is not None:
+        augment_in_train_step(model, augment)
     loss = model.loss
     initial_epoch = cb.backup_epoch(run / "backup")
     if initial_epoch:
@@ -383,7 +393,7 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
     verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
     start = time.perf_counter()
     summary = {"organs": organs, "data": str(manifest_path), "initial_epoch": initial_epoch}
-    fixes = _multi_worker_fit_fixes(model, strategy) if multi_worker else contextlib.nullcontext()
+    fixes = _multi_worker_fit_fixes(model, strategy, augment) if multi_worker else contextlib.nullcontext()
     try:
         with fixes:
             model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, steps_per_epoch=steps,
@@ -400,12 +410,45 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
     cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start, summary)
 
 
+def device_augmentation(config: TrainConfig, manifest_path: Path):
+    """``(batch, seed) -> (x, y)`` for the train step when ``pipeline.augment_on_device``, else None."""
+    if not config.pipeline.augment_on_device:
+        return None
+    weights = organ_weights_from_manifest(Manifest.load(manifest_path))
+
+    def augment(batch, seed):
+        return device_augment(batch, seed, config.augment, keras.ops.convert_to_tensor(weights))
+
+    return augment
+
+
+def augment_in_train_step(model, augment) -> None:
+    """Let the compiled train step augment the raw ``(batch, seed)`` pairs the dataset yields.
+
+    With ``pipeline.augment_on_device`` tf.data only reads, windows and batches; crop, warp, mixup
+    and target packing then run where the step runs (the accelerator) instead of on host threads.
+    Only the training step changes: validation batches are ``(x, y)`` already, and the model that is
+    saved is the plain U-Net. Call before ``fit``; calling again replaces the earlier ``augment``.
+    """
+    step = model.__dict__.setdefault("_unaugmented_train_step", model.train_step)
+
+    def augmented(data):
+        batch, seed, _ = keras.utils.unpack_x_y_sample_weight(data)
+        return augment(batch, seed)
+
+    if keras.backend.backend() == "jax":  # JAX's trainer passes the model state first
+        model.train_step = lambda state, data: step(state, augmented(data))
+    else:
+        model.train_step = lambda data: step(augmented(data))
+
+
 @contextlib.contextmanager
-def _multi_worker_fit_fixes(model, strategy):
+def _multi_worker_fit_fixes(model, strategy, augment=None):
     """Work around keras-team/keras#20585: Keras 3.15 ``fit`` under MultiWorkerMirroredStrategy
     (1) all-reduces a whole ``(x, y)`` batch to build the model symbolically and (2) reduces the
     scalar step logs with ``axis=0``; the collective strategy rejects both. Only shapes matter for
-    (1), so it builds from this worker's local batch; (2) becomes a mean over all workers.
+    (1), so it builds from this worker's local batch (augmented first when ``augment`` is given);
+    (2) becomes a mean over all workers.
     """
     from keras.src.backend.tensorflow import trainer as tf_trainer  # the module fit looks these up in
 
@@ -414,6 +457,8 @@ def _multi_worker_fit_fixes(model, strategy):
             for _, _, batches in iterator:
                 data_batch = keras.tree.map_structure(_first_local(strategy), next(batches))
                 break
+        if augment is not None:
+            data_batch = augment(*data_batch[:2])
         with strategy.scope():
             model._symbolic_build(data_batch=data_batch)
 
@@ -488,8 +533,6 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
 
 def make_datasets(config: TrainConfig, manifest_path: Path, multi_worker: bool):
     """``(train, validation, steps_per_epoch, validation_steps)``; training repeats endlessly."""
-    if config.pipeline.augment_on_device:
-        raise HnsegError("pipeline.augment_on_device=true is not supported by `hnseg train` yet; set it to false")
     splits = Manifest.load(manifest_path).splits
     batch = config.pipeline.batch_size
     if splits["train"]["slices"] < batch:

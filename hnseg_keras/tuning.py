@@ -277,8 +277,10 @@ def train_trial(config: TrainConfig, model, run: Path, manifest_path: Path, orga
     """
     import keras
 
-
     train_ds, val_ds, steps, val_steps = training.make_datasets(config, manifest_path, multi_worker=False)
+    augment = training.device_augmentation(config, manifest_path)
+    if augment is not None:
+        training.augment_in_train_step(model, augment)
     resumed = cb.backup_epoch(run / "backup")
     callbacks = training.make_callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))

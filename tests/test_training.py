@@ -363,3 +363,33 @@ def test_cosine_run_under_a_budget_logs_a_falling_learning_rate(tiny_manifest, t
     summary = configs.read_json(budgeted / "summary.json")
     assert summary["epochs_run"] == 1 and summary["stopped_by_budget"] is True
     assert (budgeted / "final.keras").is_file()
+
+
+def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny_manifest, tmp_path):
+    """The patched train step augments the raw (batch, seed) itself: same loss and same updated
+    weights as a plain step fed the augmented batch; a whole run saves the plain U-Net."""
+    config = training.resolve_for_data(
+        tiny_config(tiny_manifest, tmp_path / "run", "pipeline.augment_on_device=true",
+                    "augment.warp_probability=1.0", "augment.mixup=true", "epochs=1", "steps_per_epoch=2"),
+        tiny_manifest)
+    train_ds, *_ = training.make_datasets(config, tiny_manifest, multi_worker=False)
+    batch, seed = next(iter(train_ds))
+    assert batch["image"].shape == (4, 40, 40, 1) and seed.shape == (2,)
+    augment = training.device_augmentation(config, tiny_manifest)
+    x, y = augment(batch, seed)
+    assert x.shape == (4, 32, 32, 1) and y.shape == (4, 32, 32, 4 * len(ORGANS) + 1)
+
+    on_device, on_host = (training.build_compiled_model(config, list(ORGANS)) for _ in range(2))
+    on_host.set_weights(on_device.get_weights())
+    training.augment_in_train_step(on_device, augment)
+    training.augment_in_train_step(on_device, augment)  # idempotent: still one augmentation per step
+    device_loss = on_device.train_on_batch(batch, seed, return_dict=True)["loss"]
+    host_loss = on_host.train_on_batch(x, y, return_dict=True)["loss"]
+    assert device_loss == pytest.approx(host_loss, rel=1e-4)
+    for a, b in zip(on_device.get_weights(), on_host.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+    run = training.train(config)
+    assert [row["epoch"] for row in cb.read_history(run / "history.csv")] == [0]
+    model = keras.saving.load_model(run / "final.keras")
+    assert "_unaugmented_train_step" not in model.__dict__ and model.output_shape == (None, None, None, 3)

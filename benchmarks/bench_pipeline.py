@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hnseg_keras import augment, pipeline, shards  # noqa: E402
+from hnseg_keras import augment, pipeline, shards, targets  # noqa: E402
 from hnseg_keras.augment import AugmentConfig  # noqa: E402
 from hnseg_keras.configs import write_json_atomic  # noqa: E402
 from hnseg_keras.pipeline import PipelineConfig  # noqa: E402
@@ -72,7 +72,7 @@ def stage_costs(manifest_path: Path, batch_size: int, config: AugmentConfig, wei
     warped, _ = resample(windowed, offsets, draws, fields)
     mix = tf.function(lambda b, d: augment.apply_mixup(b, d, tf.constant(weights), config.mixup_alpha))
     mixed = mix(warped, draws)
-    pack = tf.function(pipeline.to_keras)
+    pack = tf.function(targets.to_keras)
     stages = {
         "read+parse": lambda: parse(records),
         "cast+window": lambda: window(raw),

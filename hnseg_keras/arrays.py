@@ -4,7 +4,8 @@ The GPU machine this project borrows runs Keras on JAX and has no TensorFlow, so
 TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a manifest into an
 ``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RandomCropBatches` feeds
 ``model.fit`` under any backend with the same ``(x, y)`` contract as the tf.data pipeline
-(x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only.
+(x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only; :class:`RawBatches` instead
+hands whole slices to the train step, which augments them (``train_step``: crop, warps, mixup).
 
 Compact on purpose (a call to that machine carries at most 64 MiB):
 
@@ -83,6 +84,12 @@ class SliceArrays:
         bits = np.arange(len(self.organs), dtype=np.uint8)
         return (self.masks[index][..., None] >> bits) & 1
 
+    def organ_weights(self) -> np.ndarray:
+        """float32 [O] mixup weights: 1 / the number of slices that hold each organ (as the pipeline's)."""
+        bits = np.arange(len(self.organs), dtype=np.uint8)
+        counts = np.array([np.count_nonzero(((self.masks >> bit) & 1).any(axis=(1, 2))) for bit in bits])
+        return (1.0 / np.maximum(counts, 1)).astype(np.float32)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file beside ``path``, then rename)."""
         path = Path(path)
@@ -159,24 +166,38 @@ def from_examples(examples, organs, slicing: dict, window: tuple[float, float], 
                        np.asarray(case_ids), np.asarray(slice_index, np.int32), meta)
 
 
-class RandomCropBatches(keras.utils.PyDataset):
-    """``len`` random batches ``(x, y)``: examples drawn uniformly with replacement, each randomly
-    cropped to ``crop`` px; batch ``i`` depends only on ``(seed, i)``, so workers may build it in any order."""
+class _UniformBatches(keras.utils.PyDataset):
+    """``steps`` batches per epoch of examples drawn uniformly with replacement. Batch ``i`` of epoch ``e``
+    depends only on ``(seed, e * steps + i)``, so workers may build batches in any order and every epoch
+    draws new ones."""
 
-    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, crop: int | None, seed: int = 0, **kwargs):
+    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
-        height, width = arrays.planes.shape[1:]
-        if crop is not None and not 0 < crop <= min(height, width):
-            raise HnsegError(f"crop {crop} must be 1..{min(height, width)} for {height}x{width} slices")
-        self.arrays, self.batch_size, self.steps, self.seed = arrays, batch_size, steps, seed
-        self.crop = crop or min(height, width)
+        self.arrays, self.batch_size, self.steps, self.seed, self.epoch = arrays, batch_size, steps, seed, 0
 
     def __len__(self) -> int:
         return self.steps
 
+    def on_epoch_end(self):
+        self.epoch += 1
+
+    def _draw(self, i):
+        rng = np.random.default_rng([self.seed, self.epoch * self.steps + i])
+        return rng, rng.integers(0, len(self.arrays), self.batch_size)
+
+
+class RandomCropBatches(_UniformBatches):
+    """Batches ``(x, y)``, each example randomly cropped to ``crop`` px (the whole slice when None)."""
+
+    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, crop: int | None, seed: int = 0, **kwargs):
+        super().__init__(arrays, batch_size, steps, seed, **kwargs)
+        height, width = arrays.planes.shape[1:]
+        if crop is not None and not 0 < crop <= min(height, width):
+            raise HnsegError(f"crop {crop} must be 1..{min(height, width)} for {height}x{width} slices")
+        self.crop = crop or min(height, width)
+
     def __getitem__(self, i):
-        rng = np.random.default_rng([self.seed, i])
-        index = rng.integers(0, len(self.arrays), self.batch_size)
+        rng, index = self._draw(i)
         height, width = self.arrays.planes.shape[1:]
         ys = rng.integers(0, height - self.crop + 1, self.batch_size)
         xs = rng.integers(0, width - self.crop + 1, self.batch_size)
@@ -187,6 +208,18 @@ class RandomCropBatches(keras.utils.PyDataset):
         masks = self.arrays.organ_masks(index)[take]
         y = targets.pack_targets(masks, np.zeros(masks.shape, np.float32), self.arrays.annotated[index])
         return images, keras.ops.convert_to_numpy(y)
+
+
+class RawBatches(_UniformBatches):
+    """Whole-slice batches ``(batch dict, seed int32 [2])`` for ``train_step.augment_in_train_step``,
+    which crops, warps and mixes them inside the train step. Distance maps are zeros (not stored)."""
+
+    def __getitem__(self, i):
+        rng, index = self._draw(i)
+        masks = self.arrays.organ_masks(index).astype(np.float32)
+        batch = {"image": self.arrays.images(index), "masks": masks, "dist_maps": np.zeros_like(masks),
+                 "annotated": self.arrays.annotated[index].astype(np.float32)}
+        return batch, rng.integers(0, 2**31 - 1, 2).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- CLI (TensorFlow side)

@@ -44,7 +44,7 @@ class PipelineConfig:
         cache: None (no cache), "memory", or a file path prefix for tf.data's on-disk cache of the
             parsed examples (before shuffling, so each epoch is still reshuffled and re-augmented).
         augment_on_device: training yields ``(batch, seed)`` of windowed, uncropped batches; the
-            train step applies :func:`device_augment` (crop, warp, mixup on the accelerator).
+            train step applies ``train_step.device_augment`` (crop, warp, mixup on the accelerator).
         jit_compile: run the deterministic part of the augmentation (resampling, mixup, packing) as
             an XLA-compiled function inside tf.data (several times faster on CPU). The random draws
             stay outside XLA: TF's default stateless generator under XLA on CPU is very slow.
@@ -104,21 +104,6 @@ def batch_seeds(seed: int) -> tf.data.Dataset:
         lambda draw, count: tf.cast(tf.stack([draw % _SEED_MODULUS, count % _SEED_MODULUS]), tf.int32))
 
 
-def to_keras(batch: dict):
-    """``(x, y)``: x the image [B,H,W,C] float32; y = ``targets.pack_targets`` (with the partner if mixed)."""
-    partner, lam = None, None
-    if "lam" in batch:
-        partner = (batch["partner_masks"], batch["partner_dist_maps"], batch["partner_annotated"])
-        lam = batch["lam"]
-    y = targets.pack_targets(batch["masks"], batch["dist_maps"], batch["annotated"], partner=partner, lam=lam)
-    return batch["image"], y
-
-
-def device_augment(batch: dict, seed, augment_config: AugmentConfig, organ_weights=None):
-    """Augment a raw batch and pack it: ``augment_batch`` then :func:`to_keras` (jit-compatible)."""
-    return to_keras(augment.augment_batch(batch, seed, augment_config, organ_weights))
-
-
 def _augment_stages(config: AugmentConfig, weights, batch_size: int, jit_compile: bool):
     """Three map functions: draw (+ window, warp field), resample (XLA if asked), mixup + pack.
 
@@ -140,7 +125,7 @@ def _augment_stages(config: AugmentConfig, weights, batch_size: int, jit_compile
     def mix_and_pack(batch, draws):
         if config.mixup:
             batch = augment.apply_mixup(batch, draws, weights, config.mixup_alpha)
-        return to_keras(batch)
+        return targets.to_keras(batch)
 
     return draw, tf.function(resample, jit_compile=True) if jit_compile else resample, mix_and_pack
 
@@ -187,7 +172,7 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
     ds = _cache(select_examples(examples), cfg.cache).batch(cfg.batch_size)
 
     def prepare(batch):
-        return to_keras(augment.centre_crop(cast_and_window(batch, augment_config.window), augment_config.crop_size))
+        return targets.to_keras(augment.centre_crop(cast_and_window(batch, augment_config.window), augment_config.crop_size))
 
     return ds.map(prepare, num_parallel_calls=calls).prefetch(_tune(cfg.prefetch))
 

@@ -94,3 +94,13 @@ def _split_flag(raw):
     # A pixel is -1 only where the whole channel is unannotated, so pixel (0, 0) tells.
     annotated = ops.cast(ops.greater_equal(raw[:, 0, 0, :], 0.0), "float32")
     return ops.maximum(raw, 0.0), annotated
+
+
+def to_keras(batch: dict):
+    """``(x, y)`` of an augmented batch dict: x its image, y :func:`pack_targets` (with the mixup partner)."""
+    partner, lam = None, None
+    if "lam" in batch:
+        partner = (batch["partner_masks"], batch["partner_dist_maps"], batch["partner_annotated"])
+        lam = batch["lam"]
+    return batch["image"], pack_targets(batch["masks"], batch["dist_maps"], batch["annotated"], partner=partner,
+                                        lam=lam)

@@ -42,7 +42,6 @@ from hnseg_keras.model import UNetConfig, build_unet, variant_config
 from hnseg_keras.phantom import PhantomConfig
 from hnseg_keras.pipeline import (
     PipelineConfig,
-    device_augment,
     intensity_stats,
     organ_weights_from_manifest,
     train_dataset,
@@ -51,6 +50,7 @@ from hnseg_keras.pipeline import (
 from hnseg_keras.prepare import PhantomSource, PrepareConfig, prepare
 from hnseg_keras.shards import Manifest
 from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.train_step import augment_in_train_step, augmenter
 
 VARIANT_NAMES = ("S", "M", "L")
 DEMO_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R", "Submandibular_L", "Submandibular_R")
@@ -414,32 +414,7 @@ def device_augmentation(config: TrainConfig, manifest_path: Path):
     """``(batch, seed) -> (x, y)`` for the train step when ``pipeline.augment_on_device``, else None."""
     if not config.pipeline.augment_on_device:
         return None
-    weights = organ_weights_from_manifest(Manifest.load(manifest_path))
-
-    def augment(batch, seed):
-        return device_augment(batch, seed, config.augment, keras.ops.convert_to_tensor(weights))
-
-    return augment
-
-
-def augment_in_train_step(model, augment) -> None:
-    """Let the compiled train step augment the raw ``(batch, seed)`` pairs the dataset yields.
-
-    With ``pipeline.augment_on_device`` tf.data only reads, windows and batches; crop, warp, mixup
-    and target packing then run where the step runs (the accelerator) instead of on host threads.
-    Only the training step changes: validation batches are ``(x, y)`` already, and the model that is
-    saved is the plain U-Net. Call before ``fit``; calling again replaces the earlier ``augment``.
-    """
-    step = model.__dict__.setdefault("_unaugmented_train_step", model.train_step)
-
-    def augmented(data):
-        batch, seed, _ = keras.utils.unpack_x_y_sample_weight(data)
-        return augment(batch, seed)
-
-    if keras.backend.backend() == "jax":  # JAX's trainer passes the model state first
-        model.train_step = lambda state, data: step(state, augmented(data))
-    else:
-        model.train_step = lambda data: step(augmented(data))
+    return augmenter(config.augment, organ_weights_from_manifest(Manifest.load(manifest_path)))
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ import keras_tuner
 from hnseg_keras import callbacks as cb
 from hnseg_keras import configs, training
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.train_step import augment_in_train_step
 from hnseg_keras.training import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
@@ -280,7 +281,7 @@ def train_trial(config: TrainConfig, model, run: Path, manifest_path: Path, orga
     train_ds, val_ds, steps, val_steps = training.make_datasets(config, manifest_path, multi_worker=False)
     augment = training.device_augmentation(config, manifest_path)
     if augment is not None:
-        training.augment_in_train_step(model, augment)
+        augment_in_train_step(model, augment)
     resumed = cb.backup_epoch(run / "backup")
     callbacks = training.make_callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
     callbacks.append(keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))

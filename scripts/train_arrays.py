@@ -1,9 +1,11 @@
 #!/usr/bin/env python
 """Train the U-Net from an ``hnseg arrays`` file under any Keras backend (the GPU machine runs JAX).
 
-The same model, masked loss and metrics as ``hnseg train``; the input side is numpy
-(``arrays.RandomCropBatches``: uniform draws, random crop, no warps or mixup, no boundary term), the
-learning rate a half-cosine from --lr to 1 % of it over --steps. Writes to --out: ``final.keras``,
+The same model, masked loss and metrics as ``hnseg train``; the input side is numpy (uniform draws,
+new ones each epoch; no distance maps, so no boundary term): ``arrays.RandomCropBatches`` crops on the
+host, or with --warp-probability or --mixup ``arrays.RawBatches`` hands whole slices to the train step,
+which crops, warps and mixes them on the device (``train_step``, as ``pipeline.augment_on_device``).
+The learning rate is a half-cosine from --lr to 1 % of it over --steps. Writes to --out: ``final.keras``,
 ``metadata.json`` (so ``hnseg predict --model OUT/final.keras`` runs it on CT volumes) and
 ``summary.json`` (steps done, wall time, last training metrics, backend and device).
 
@@ -21,12 +23,14 @@ from pathlib import Path
 import keras
 
 from hnseg_keras import configs
-from hnseg_keras.arrays import RandomCropBatches, SliceArrays
+from hnseg_keras.arrays import RandomCropBatches, RawBatches, SliceArrays
+from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.export import METADATA_FORMAT, model_metadata
 from hnseg_keras.losses import SegmentationLoss
 from hnseg_keras.metrics import dice_metrics
 from hnseg_keras.model import UNetConfig, build_unet
+from hnseg_keras.train_step import augment_in_train_step, augmenter
 
 
 class WallClockStop(keras.callbacks.Callback):
@@ -42,18 +46,6 @@ class WallClockStop(keras.callbacks.Callback):
             self.model.stop_training = self.stopped = True
 
 
-class EpochDraws(RandomCropBatches):
-    """New random batches every epoch (the base class draws from (seed, index) alone)."""
-
-    epoch = 0
-
-    def __getitem__(self, i):
-        return super().__getitem__(i + self.epoch * len(self))
-
-    def on_epoch_end(self):
-        self.epoch += 1
-
-
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arrays", help=".npz from `hnseg arrays` (train split)")
@@ -66,6 +58,9 @@ def parse_args(argv):
     parser.add_argument("--epochs", type=int, default=10, help="logging chunks the steps are split into")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--crop", type=int, default=80)
+    parser.add_argument("--warp-probability", type=float, default=0.0,
+                        help="share of samples warped (elastic or grid distortion, one of them), on the device")
+    parser.add_argument("--mixup", action="store_true", help="class-weighted mixup, on the device")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--focal-weight", type=float, default=1.0)
     parser.add_argument("--dice-weight", type=float, default=1.0)
@@ -84,6 +79,8 @@ def main(argv=None) -> int:
             raise HnsegError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if not args.lr > 0:
         raise HnsegError(f"--lr {args.lr}: must be positive")
+    if not 0.0 <= args.warp_probability <= 1.0:
+        raise HnsegError(f"--warp-probability {args.warp_probability}: must be within 0..1")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise HnsegError(f"{out} exists; pass --force to replace what is in it")
@@ -103,8 +100,16 @@ def main(argv=None) -> int:
     loss = SegmentationLoss(len(organs), focal_weight=args.focal_weight, dice_weight=args.dice_weight,
                             gamma=args.gamma)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=loss, metrics=dice_metrics(organs))
-    batches = EpochDraws(arrays, args.batch_size, per_epoch, args.crop, seed=args.seed, workers=args.workers,
-                         use_multiprocessing=False)
+    workers = {"workers": args.workers, "use_multiprocessing": False}
+    if args.warp_probability > 0 or args.mixup:
+        if not 0 < args.crop <= min(arrays.planes.shape[1:]):
+            raise HnsegError(f"--crop {args.crop} must be 1..{min(arrays.planes.shape[1:])} for these slices")
+        augment = AugmentConfig(window=arrays.window, crop_size=args.crop, warp_probability=args.warp_probability,
+                                mixup=args.mixup)
+        batches = RawBatches(arrays, args.batch_size, per_epoch, seed=args.seed, **workers)
+        augment_in_train_step(model, augmenter(augment, arrays.organ_weights()), example=batches[0])
+    else:
+        batches = RandomCropBatches(arrays, args.batch_size, per_epoch, args.crop, seed=args.seed, **workers)
     clock = WallClockStop(None if args.max_minutes is None else 60.0 * args.max_minutes)
     print(f"{keras.backend.backend()} | {model.count_params():,} parameters | {len(arrays)} slices | "
           f"{per_epoch * epochs} steps of {args.batch_size}", file=sys.stderr, flush=True)

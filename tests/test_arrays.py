@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 
 from hnseg_keras import arrays
-from hnseg_keras.arrays import RandomCropBatches, SliceArrays, from_examples, quantise
+from hnseg_keras.arrays import RandomCropBatches, RawBatches, SliceArrays, from_examples, quantise
+from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.prepare import PrepareConfig, prepare
 from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.train_step import device_augment
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = (-155.0, 195.0)
@@ -152,7 +154,70 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
-def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path):
+def _positional_examples(size=12, count=6):
+    """Channel 0 = 50 * example, channel 1 encodes (row, col); mask 1 marks row == example."""
+    rows, cols = np.indices((size, size))
+    position = 3 * (rows * size + cols)
+    examples = []
+    for s in range(count):
+        image = np.stack([np.full((size, size), 50 * s), position, np.zeros((size, size))], -1)
+        masks = np.stack([(rows + cols) % 3 == 0, rows == s], -1).astype(np.uint8)
+        examples.append({"image": image.astype(np.int16), "masks": masks, "annotated": np.array([1, s % 2]),
+                         "case_id": f"c{s}", "slice_index": 0})
+    return examples, from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
+
+
+def test_raw_batches_hand_whole_slices_and_a_seed_to_the_train_step():
+    examples, data = _positional_examples()
+    batches = RawBatches(data, batch_size=5, steps=3, seed=4)
+    batch, seed = batches[1]
+    again, seed_again = batches[1]
+    assert seed.dtype == np.int32 and seed.shape == (2,) and np.array_equal(seed, seed_again)
+    np.testing.assert_array_equal(batch["image"], again["image"])
+    assert batch["image"].shape == (5, 12, 12, 3) and batch["masks"].shape == (5, 12, 12, 2)
+    for b in range(5):
+        s = int(round(batch["image"][b, 0, 0, 0] / 50))
+        np.testing.assert_allclose(batch["image"][b], data.images([s])[0])
+        np.testing.assert_array_equal(batch["masks"][b], examples[s]["masks"])
+        np.testing.assert_array_equal(batch["annotated"][b], [1, s % 2])
+    assert not batch["dist_maps"].any()
+    # What the train step makes of it: aligned 7 px crops, -1 where the organ is not annotated.
+    x, y = device_augment(batch, seed, AugmentConfig(window=(-10.0, 500.0), crop_size=7, warp_probability=0.0,
+                                                     mixup=False))
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.shape == (5, 7, 7, 3) and y.shape == (5, 7, 7, 9)
+    for b in range(5):
+        s = int(round(x[b, 0, 0, 0] / 50))
+        r0, c0 = divmod(int(round(x[b, 0, 0, 1] / 3)), 12)
+        window = (slice(r0, r0 + 7), slice(c0, c0 + 7))
+        np.testing.assert_array_equal(y[b, ..., 0], examples[s]["masks"][window][..., 0])
+        np.testing.assert_array_equal(y[b, ..., 1], examples[s]["masks"][window][..., 1] if s % 2 else -1.0)
+
+
+def test_each_epoch_draws_new_batches_reproducibly():
+    _, data = _positional_examples()
+    batches = RawBatches(data, batch_size=4, steps=2, seed=1)
+    first = batches[0][1]
+    batches.on_epoch_end()
+    second = batches[0][1]
+    assert not np.array_equal(first, second)
+    replay = RawBatches(data, batch_size=4, steps=2, seed=1)
+    replay.on_epoch_end()
+    np.testing.assert_array_equal(replay[0][1], second)
+
+
+def test_organ_weights_are_inverse_foreground_slice_counts():
+    _, data = _positional_examples(count=6)  # organ 0 in every slice; organ 1 (row == s) in all 6 too
+    np.testing.assert_allclose(data.organ_weights(), [1 / 6, 1 / 6])
+    examples = _examples(slices=(3, 4, 5, 9))  # organ 1 is column s % 8 in each of the 4 slices
+    for example in examples[:3]:
+        example["masks"][..., 0] = 0
+    data = from_examples(examples, ["BrainStem", "Mandible"], {}, WINDOW)
+    np.testing.assert_allclose(data.organ_weights(), [1.0, 1 / 4])
+
+
+@pytest.mark.parametrize("augment", [[], ["--warp-probability", "1", "--mixup"]], ids=["host-crop", "device-augment"])
+def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
     """The GPU machine's conditions: KERAS_BACKEND=jax and no TensorFlow importable at all."""
     rows, cols = np.indices((32, 32))
     examples = [{"image": np.repeat(np.where((rows - 16) ** 2 + (cols - 10 - s) ** 2 < 30, 60, -50)[..., None], 3,
@@ -170,7 +235,7 @@ def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path):
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{hide.parent}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_arrays.py"), str(tmp_path / "train.npz"),
                              "--out", str(tmp_path / "run"), "--filters", "4", "8", "--steps", "4", "--epochs", "2",
-                             "--batch-size", "4", "--crop", "16", "--workers", "0"],
+                             "--batch-size", "4", "--crop", "16", "--workers", "0", *augment],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hnseg_keras import augment, pipeline
+from hnseg_keras import augment, pipeline, train_step
 from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.pipeline import PipelineConfig
@@ -77,7 +77,7 @@ def test_pipeline_stages_equal_augment_batch_on_device():
     raw = pipeline.build_train_dataset(_dataset(), dataclasses.replace(PIPE, augment_on_device=True), AUG)
     for (x_host, y_host), (batch, seed) in zip(on_host, raw, strict=True):
         assert batch["image"].shape == (4, SIZE, SIZE, 1) and seed.shape == (2,)
-        x, y = pipeline.device_augment(batch, seed, AUG, tf.constant([0.2, 0.5]))
+        x, y = train_step.device_augment(batch, seed, AUG, tf.constant([0.2, 0.5]))
         np.testing.assert_allclose(x.numpy(), x_host, atol=1e-3)
         np.testing.assert_allclose(y.numpy(), y_host, atol=1e-3)
 

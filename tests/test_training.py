@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from hnseg_keras import callbacks as cb
-from hnseg_keras import cli, configs, training
+from hnseg_keras import cli, configs, train_step, training
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.prepare import PrepareConfig, prepare
 from hnseg_keras.slicing import SlicingConfig
@@ -381,8 +381,8 @@ def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny
 
     on_device, on_host = (training.build_compiled_model(config, list(ORGANS)) for _ in range(2))
     on_host.set_weights(on_device.get_weights())
-    training.augment_in_train_step(on_device, augment)
-    training.augment_in_train_step(on_device, augment)  # idempotent: still one augmentation per step
+    train_step.augment_in_train_step(on_device, augment)
+    train_step.augment_in_train_step(on_device, augment)  # idempotent: still one augmentation per step
     device_loss = on_device.train_on_batch(batch, seed, return_dict=True)["loss"]
     host_loss = on_host.train_on_batch(x, y, return_dict=True)["loss"]
     assert device_loss == pytest.approx(host_loss, rel=1e-4)

@@ -93,17 +93,23 @@ def test_more_than_eight_organs_is_refused():
         from_examples(_examples(organs=9), [f"o{i}" for i in range(9)], {}, WINDOW)
 
 
-def test_random_crops_keep_image_and_masks_aligned():
-    size, crop = 12, 7
+def _positional_examples(size=12, count=6):
+    """Channel 0 = 50 * example, channel 1 encodes (row, col); mask 1 marks row == example."""
     rows, cols = np.indices((size, size))
-    position = 3 * (rows * size + cols)  # channel 1 encodes (row, col); channel 0 the example
+    position = 3 * (rows * size + cols)
     examples = []
-    for s in range(6):
+    for s in range(count):
         image = np.stack([np.full((size, size), 50 * s), position, np.zeros((size, size))], -1)
         masks = np.stack([(rows + cols) % 3 == 0, rows == s], -1).astype(np.uint8)
         examples.append({"image": image.astype(np.int16), "masks": masks, "annotated": np.array([1, s % 2]),
                          "case_id": f"c{s}", "slice_index": 0})
-    data = from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
+    return examples, from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
+
+
+def test_random_crops_keep_image_and_masks_aligned():
+    size, crop = 12, 7
+    examples, data = _positional_examples(size)
+    position = examples[0]["image"][..., 1]
     batches = RandomCropBatches(data, batch_size=5, steps=3, crop=crop, seed=4)
     x, y = batches[1]
     x_again, y_again = batches[1]
@@ -154,19 +160,6 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
-def _positional_examples(size=12, count=6):
-    """Channel 0 = 50 * example, channel 1 encodes (row, col); mask 1 marks row == example."""
-    rows, cols = np.indices((size, size))
-    position = 3 * (rows * size + cols)
-    examples = []
-    for s in range(count):
-        image = np.stack([np.full((size, size), 50 * s), position, np.zeros((size, size))], -1)
-        masks = np.stack([(rows + cols) % 3 == 0, rows == s], -1).astype(np.uint8)
-        examples.append({"image": image.astype(np.int16), "masks": masks, "annotated": np.array([1, s % 2]),
-                         "case_id": f"c{s}", "slice_index": 0})
-    return examples, from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
-
-
 def test_raw_batches_hand_whole_slices_and_a_seed_to_the_train_step():
     examples, data = _positional_examples()
     batches = RawBatches(data, batch_size=5, steps=3, seed=4)

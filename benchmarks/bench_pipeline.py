@@ -27,15 +27,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from hnseg_keras import augment, pipeline, shards, targets  # noqa: E402
-from hnseg_keras.augment import AugmentConfig  # noqa: E402
 from hnseg_keras.configs import write_json_atomic  # noqa: E402
-from hnseg_keras.pipeline import PipelineConfig  # noqa: E402
+from hnseg_keras.data import shards
+from hnseg_keras.inputs import (
+    augment,  # noqa: E402
+    pipeline,
+    targets,
+)
+from hnseg_keras.inputs.augment import AugmentConfig  # noqa: E402
+from hnseg_keras.inputs.pipeline import PipelineConfig  # noqa: E402
 
 
 def build_phantom_shards(out: Path, cases: int) -> Path:
     """Phantom cases -> shards + manifest (280^2 slices at 1 mm, nine organs) via ``prepare``."""
-    from hnseg_keras.prepare import PhantomSource, PrepareConfig, prepare
+    from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
 
     prepare(PhantomSource(cases), out, PrepareConfig(validation_fraction=0.0), workers=1)
     return out / "manifest.json"
@@ -125,7 +130,7 @@ def model_rate(variant: str, crop: int, organs: int, batch_size: int, steps: int
     """Slices/s one CPU train step of the U-Net ``variant`` consumes (BCE on the masks as the loss)."""
     import keras
 
-    from hnseg_keras.model import build_unet, variant_config
+    from hnseg_keras.model.unet import build_unet, variant_config
 
     model = build_unet(variant_config(variant, num_organs=organs), image_size=crop)
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="binary_crossentropy")

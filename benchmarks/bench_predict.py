@@ -36,7 +36,7 @@ BUDGET_RSS_GB = 4.0
 
 def synthetic_case(name: str, seed: int = 0):
     """int16 CT: air, a water-like ellipse (40 HU +- 20 noise) and a 700 HU ring, filled per slice."""
-    from hnseg_keras.cases import Case
+    from hnseg_keras.data.cases import Case
 
     size, depth, spacing, slice_mm = CASES[name]
     rng = np.random.default_rng(seed)
@@ -55,11 +55,11 @@ def synthetic_case(name: str, seed: int = 0):
 def run_one(name: str, batch_size: int, tta: bool, largest_component: bool) -> dict:
     """One case in this process: build the model, segment, write the label map; returns the figures."""
     started = time.perf_counter()
-    from hnseg_keras.cases import write_label_map
-    from hnseg_keras.model import build_unet, variant_config
-    from hnseg_keras.organs import DEFAULT_ORGANS
-    from hnseg_keras.prediction import Predictor, segment_case
-    from hnseg_keras.slicing import SlicingConfig
+    from hnseg_keras.data.cases import write_label_map
+    from hnseg_keras.data.organs import DEFAULT_ORGANS
+    from hnseg_keras.data.slicing import SlicingConfig
+    from hnseg_keras.inference.prediction import Predictor, segment_case
+    from hnseg_keras.model.unet import build_unet, variant_config
 
     slicing = SlicingConfig(size=280, spacing_mm=1.0)
     model = build_unet(variant_config("S", num_organs=len(DEFAULT_ORGANS)))

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 from hnseg_keras import configs
-from hnseg_keras.cases import write_pddca_case
-from hnseg_keras.organs import DEFAULT_ORGANS
-from hnseg_keras.phantom import PhantomConfig, generate_case
-from hnseg_keras.prepare import PrepareConfig, prepare
-from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.data.cases import write_pddca_case
+from hnseg_keras.data.organs import DEFAULT_ORGANS
+from hnseg_keras.data.phantom import PhantomConfig, generate_case
+from hnseg_keras.data.prepare import PrepareConfig, prepare
+from hnseg_keras.data.slicing import SlicingConfig
 
 BUDGET_BYTES_PER_SLICE = 0.6e6
 

@@ -22,9 +22,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hnseg_keras.configs import write_json_atomic  # noqa: E402
-from hnseg_keras.losses import SegmentationLoss  # noqa: E402
-from hnseg_keras.model import build_unet, variant_config  # noqa: E402
-from hnseg_keras.targets import pack_targets  # noqa: E402
+from hnseg_keras.inputs.targets import pack_targets  # noqa: E402
+from hnseg_keras.model.losses import SegmentationLoss  # noqa: E402
+from hnseg_keras.model.unet import build_unet, variant_config  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from hnseg_keras.cases import find_cases, read_case
+from hnseg_keras.data.cases import find_cases, read_case
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.evaluation import dice
+from hnseg_keras.evaluation.scores import dice
 
 IN_PLANE = np.zeros((3, 3, 3), bool)
 IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-neighbourhood in the [y, x] plane

@@ -15,15 +15,15 @@ import sys
 from hnseg_keras.errors import HnsegError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "phantom": ("hnseg_keras.phantom", "write synthetic head-and-neck CT cases (PDDCA layout)"),
-    "prepare": ("hnseg_keras.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
-    "arrays": ("hnseg_keras.arrays", "write one prepared split as a compressed .npz (for backends without TensorFlow)"),
-    "preview": ("hnseg_keras.preview", "write a PNG grid of augmented training slices"),
-    "train": ("hnseg_keras.training", "train a residual U-Net on prepared shards"),
-    "tune": ("hnseg_keras.tuning", "KerasTuner search over loss weights and learning rate"),
-    "export": ("hnseg_keras.export", "export a trained run as a TensorFlow SavedModel"),
-    "predict": ("hnseg_keras.prediction", "segment CT volumes with a trained or exported model"),
-    "evaluate": ("hnseg_keras.evaluation", "3D Dice, HD95, surface distance and surface Dice tables"),
+    "phantom": ("hnseg_keras.data.phantom", "write synthetic head-and-neck CT cases (PDDCA layout)"),
+    "prepare": ("hnseg_keras.data.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
+    "arrays": ("hnseg_keras.inputs.arrays", "write one prepared split as a compressed .npz (for backends without TensorFlow)"),
+    "preview": ("hnseg_keras.inputs.preview", "write a PNG grid of augmented training slices"),
+    "train": ("hnseg_keras.training.trainer", "train a residual U-Net on prepared shards"),
+    "tune": ("hnseg_keras.training.tuning", "KerasTuner search over loss weights and learning rate"),
+    "export": ("hnseg_keras.inference.export", "export a trained run as a TensorFlow SavedModel"),
+    "predict": ("hnseg_keras.inference.prediction", "segment CT volumes with a trained or exported model"),
+    "evaluate": ("hnseg_keras.evaluation.scores", "3D Dice, HD95, surface distance and surface Dice tables"),
 }
 
 

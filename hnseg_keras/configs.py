@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import write_json_atomic  # noqa: F401  (re-exported: the JSON home of the configs)
 
 T = TypeVar("T")
 
@@ -84,21 +84,6 @@ def replace_from_overrides(config: T, overrides: list[str]) -> T:
             raise HnsegError(f"override {item!r}: unknown key {leaf!r}; accepted: {sorted(target)}")
         target[leaf] = value
     return from_dict(type(config), data)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

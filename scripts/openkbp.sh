@@ -38,7 +38,7 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 # Prepare flags from configs/openkbp_prepare.json (organs + slicing), so the JSON is the one source.
 read -r -a PREPARE_FLAGS < <("$PYTHON" - <<'EOF'
 from hnseg_keras import configs
-from hnseg_keras.prepare import PrepareConfig
+from hnseg_keras.data.prepare import PrepareConfig
 c = configs.from_dict(PrepareConfig, configs.read_json("configs/openkbp_prepare.json"))
 s = c.slicing
 spacing = "none" if s.spacing_mm is None else s.spacing_mm

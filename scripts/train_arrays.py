@@ -23,14 +23,14 @@ from pathlib import Path
 import keras
 
 from hnseg_keras import configs
-from hnseg_keras.arrays import RandomCropBatches, RawBatches, SliceArrays
-from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.export import METADATA_FORMAT, model_metadata
-from hnseg_keras.losses import SegmentationLoss
-from hnseg_keras.metrics import dice_metrics
-from hnseg_keras.model import UNetConfig, build_unet
-from hnseg_keras.train_step import augment_in_train_step, augmenter
+from hnseg_keras.inference.export import METADATA_FORMAT, model_metadata
+from hnseg_keras.inputs.arrays import RandomCropBatches, RawBatches, SliceArrays
+from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.train_step import augment_in_train_step, augmenter
+from hnseg_keras.model.losses import SegmentationLoss
+from hnseg_keras.model.metrics import dice_metrics
+from hnseg_keras.model.unet import UNetConfig, build_unet
 
 
 class WallClockStop(keras.callbacks.Callback):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hnseg_keras.phantom import PhantomConfig, generate_case, write_phantom
+from hnseg_keras.data.phantom import PhantomConfig, generate_case, write_phantom
 
 # 48 x 48 voxels at 5 mm, 15-20 slices of 6-8 mm: about 0.1 s per case.
 TINY_PHANTOM = PhantomConfig(size=48, spacing_mm=5.0, slice_spacing_mm=(6.0, 8.0), seed=0)

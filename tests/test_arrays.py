@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hnseg_keras import arrays
-from hnseg_keras.arrays import RandomCropBatches, RawBatches, SliceArrays, from_examples, quantise
-from hnseg_keras.augment import AugmentConfig
+from hnseg_keras.data.prepare import PrepareConfig, prepare
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.prepare import PrepareConfig, prepare
-from hnseg_keras.slicing import SlicingConfig
-from hnseg_keras.train_step import device_augment
+from hnseg_keras.inputs import arrays
+from hnseg_keras.inputs.arrays import RandomCropBatches, RawBatches, SliceArrays, from_examples, quantise
+from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.train_step import device_augment
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = (-155.0, 195.0)
@@ -136,7 +136,7 @@ def test_export_matches_the_tfrecord_split(tiny_phantom_root, tmp_path):
     prepare(tiny_phantom_root, tmp_path / "shards", config)
     out = arrays.export_split(tmp_path / "shards", "train", tmp_path / "train.npz", WINDOW)
     data = SliceArrays.load(out)
-    from hnseg_keras.shards import read_split
+    from hnseg_keras.data.shards import read_split
 
     examples = list(read_split(tmp_path / "shards" / "manifest.json", "train").as_numpy_iterator())
     assert len(data) == len(examples) > 0
@@ -237,7 +237,7 @@ def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
     assert metadata["organs"] == ["BrainStem"] and metadata["input"]["channels"] == 3
     import keras
 
-    from hnseg_keras.export import load_keras_model
+    from hnseg_keras.inference.export import load_keras_model
 
     model = load_keras_model(tmp_path / "run" / "final.keras")  # saved under JAX, loads here
     assert model.input_shape[-1] == 3 and getattr(model, "optimizer", None) is None

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage, stats
 
-from hnseg_keras import augment
-from hnseg_keras.augment import AugmentConfig
+from hnseg_keras.inputs import augment
+from hnseg_keras.inputs.augment import AugmentConfig
 
 ELASTIC = AugmentConfig(window=None, crop_size=40, warp_probability=1.0, grid=False, elastic_alpha=3.0,
                         elastic_sigma=6.0, mixup=False)

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from hnseg_keras.cases import (
+from hnseg_keras.data.cases import (
     Case,
     find_cases,
     image_like,
@@ -20,8 +20,8 @@ from hnseg_keras.cases import (
     write_label_map,
     write_pddca_case,
 )
+from hnseg_keras.data.organs import label_value
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.organs import label_value
 
 
 def small_case(case_id="c1") -> Case:
@@ -78,7 +78,7 @@ def test_aliases_resolved_unknown_files_logged_once(tmp_path, caplog):
     (structures / "Parotid_L.nrrd").rename(structures / "LeftParotid.nrrd")
     write_image(source.masks["BrainStem"], structures / "Tumour.nrrd", source)
     write_image(source.masks["BrainStem"], structures / "Eye_L.nrrd", source)
-    with caplog.at_level(logging.INFO, logger="hnseg_keras.cases"):
+    with caplog.at_level(logging.INFO, logger="hnseg_keras.data.cases"):
         case = read_case(folder)
     assert sorted(case.masks) == ["BrainStem", "Parotid_L"]
     assert np.array_equal(case.masks["Parotid_L"], source.masks["Parotid_L"])
@@ -140,7 +140,7 @@ def test_label_map_with_json_table(tmp_path, caplog):
     write_label_map(labels, source, tmp_path / "labels.nii.gz")
     table = tmp_path / "labels.json"
     table.write_text(json.dumps({"20": "Brainstem", "30": "LeftParotid", "40": "Chiasm"}))
-    with caplog.at_level(logging.INFO, logger="hnseg_keras.cases"):
+    with caplog.at_level(logging.INFO, logger="hnseg_keras.data.cases"):
         case = read_case(tmp_path / "ct.nrrd", label_map=tmp_path / "labels.nii.gz", labels=table)
     assert np.array_equal(case.masks["BrainStem"], source.masks["BrainStem"])
     assert np.array_equal(case.masks["Parotid_L"], source.masks["Parotid_L"])

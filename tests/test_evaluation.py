@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from hnseg_keras import evaluation as ev
-from hnseg_keras.cases import Case, write_label_map, write_pddca_case
 from hnseg_keras.cli import main
+from hnseg_keras.data.cases import Case, write_label_map, write_pddca_case
+from hnseg_keras.evaluation import scores as ev
 
 
 def box(shape, z, y, x):

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from hnseg_keras import configs
-from hnseg_keras.cases import Case
 from hnseg_keras.cli import main
+from hnseg_keras.data.cases import Case
+from hnseg_keras.data.shards import Manifest
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.export import export_run, normalisation_of, padding_for
-from hnseg_keras.model import build_unet, variant_config
-from hnseg_keras.prediction import load_predictor, segment_case
-from hnseg_keras.shards import Manifest
-from hnseg_keras.slicing import SlicingConfig
-from hnseg_keras.training import TrainConfig
+from hnseg_keras.inference.export import export_run, normalisation_of, padding_for
+from hnseg_keras.inference.prediction import load_predictor, segment_case
+from hnseg_keras.model.unet import build_unet, variant_config
+from hnseg_keras.training.trainer import TrainConfig
 
 ORGANS = ("BrainStem", "Parotid_L", "Parotid_R")
 SLICING = SlicingConfig(size=40, spacing_mm=1.0, neighbours=1)  # 40 is not a multiple of 16: padded to 48

@@ -21,11 +21,11 @@ import keras
 import numpy as np
 import pytest
 
-from hnseg_keras.augment import AugmentConfig, apply_augmentation, draw_augmentation
-from hnseg_keras.losses import SegmentationLoss
-from hnseg_keras.metrics import dice_metrics
-from hnseg_keras.model import UNetConfig, build_unet
-from hnseg_keras.targets import pack_targets
+from hnseg_keras.inputs.augment import AugmentConfig, apply_augmentation, draw_augmentation
+from hnseg_keras.inputs.targets import pack_targets
+from hnseg_keras.model.losses import SegmentationLoss
+from hnseg_keras.model.metrics import dice_metrics
+from hnseg_keras.model.unet import UNetConfig, build_unet
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed")
@@ -57,10 +57,10 @@ JAX_SCRIPT = textwrap.dedent("""
     import keras
     import numpy as np
     assert keras.backend.backend() == "jax", keras.backend.backend()
-    from hnseg_keras import model as _registers_layers  # noqa: F401
-    from hnseg_keras.augment import AugmentConfig, apply_augmentation
-    from hnseg_keras.losses import SegmentationLoss
-    from hnseg_keras.metrics import dice_metrics
+    from hnseg_keras.model import unet as _registers_layers  # noqa: F401
+    from hnseg_keras.inputs.augment import AugmentConfig, apply_augmentation
+    from hnseg_keras.model.losses import SegmentationLoss
+    from hnseg_keras.model.metrics import dice_metrics
 
     folder = sys.argv[1]
     ref = dict(np.load(f"{folder}/inputs.npz"))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hnseg_keras.losses import BoundaryLoss, BoundaryRamp, FocalLoss, SegmentationLoss, SoftDiceLoss
-from hnseg_keras.targets import pack_targets
+from hnseg_keras.inputs.targets import pack_targets
+from hnseg_keras.model.losses import BoundaryLoss, BoundaryRamp, FocalLoss, SegmentationLoss, SoftDiceLoss
 
 # One sample, one organ, 2x2 pixels (row-major).
 P = np.array([0.9, 0.2, 0.6, 0.1], "float32").reshape(1, 2, 2, 1)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.losses import SoftDiceLoss
-from hnseg_keras.metrics import MeanDice, OrganDice, dice_metrics
-from hnseg_keras.targets import pack_targets
+from hnseg_keras.inputs.targets import pack_targets
+from hnseg_keras.model.losses import SoftDiceLoss
+from hnseg_keras.model.metrics import MeanDice, OrganDice, dice_metrics
 
 
 def _pixels(rows):

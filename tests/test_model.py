@@ -8,9 +8,10 @@ import pytest
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.losses import SegmentationLoss
-from hnseg_keras.metrics import dice_metrics
-from hnseg_keras.model import (
+from hnseg_keras.inputs.targets import pack_targets
+from hnseg_keras.model.losses import SegmentationLoss
+from hnseg_keras.model.metrics import dice_metrics
+from hnseg_keras.model.unet import (
     VARIANTS,
     HUWindowNormalize,
     SpatialSizeCheck,
@@ -19,7 +20,6 @@ from hnseg_keras.model import (
     check_image_size,
     variant_config,
 )
-from hnseg_keras.targets import pack_targets
 
 
 def _tiny(**overrides):

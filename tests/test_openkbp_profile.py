@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from hnseg_keras import configs
-from hnseg_keras.prepare import PrepareConfig
+from hnseg_keras.data.prepare import PrepareConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = ("openkbp.json", "openkbp_long.json")
@@ -32,7 +32,7 @@ def profile_prepare_config() -> PrepareConfig:
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_train_config_loads_and_fits_the_slicing(name):
-    from hnseg_keras.training import load_config
+    from hnseg_keras.training.trainer import load_config
 
     config = load_config(None, REPO / "configs" / name)
     slicing = profile_prepare_config().slicing
@@ -46,7 +46,7 @@ def test_train_config_loads_and_fits_the_slicing(name):
 
 
 def test_budgets_fit_the_issue_and_the_long_run_anneals():
-    from hnseg_keras.training import load_config
+    from hnseg_keras.training.trainer import load_config
 
     short = load_config(None, REPO / "configs" / "openkbp.json")
     long = load_config(None, REPO / "configs" / "openkbp_long.json")
@@ -64,8 +64,8 @@ def test_prepare_config_is_native_2p5d_for_the_four_organs():
 @needs_data
 def test_profile_slicing_keeps_every_organ_voxel_on_real_cases():
     """Native spacing makes the crop an integer shift, so every organ voxel must reappear exactly."""
-    from hnseg_keras.cases import read_case
-    from hnseg_keras.slicing import slice_case
+    from hnseg_keras.data.cases import read_case
+    from hnseg_keras.data.slicing import slice_case
 
     config = profile_prepare_config()
     size, channels = config.slicing.size, 2 * config.slicing.neighbours + 1
@@ -91,7 +91,7 @@ def test_profile_slicing_keeps_every_organ_voxel_on_real_cases():
 @needs_data
 def test_profile_prepares_real_cases(tmp_path):
     """``prepare`` with the profile's config on 3 train + 1 validation case (linked, not copied)."""
-    from hnseg_keras.prepare import prepare
+    from hnseg_keras.data.prepare import prepare
 
     source = tmp_path / "src"
     for name in CASES:

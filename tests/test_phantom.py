@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from hnseg_keras import configs
-from hnseg_keras.cases import find_cases, read_case
 from hnseg_keras.cli import main
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.organs import DEFAULT_ORGANS
-from hnseg_keras.phantom import (
+from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.organs import DEFAULT_ORGANS
+from hnseg_keras.data.phantom import (
     MISSABLE,
     PhantomConfig,
     case_is_missing,
@@ -21,6 +20,7 @@ from hnseg_keras.phantom import (
     split_counts,
     write_phantom,
 )
+from hnseg_keras.errors import HnsegError
 
 TINY = PhantomConfig(size=48, spacing_mm=5.0, slice_spacing_mm=(6.0, 8.0), seed=0)
 SMALL = PhantomConfig(size=96, spacing_mm=2.5, slice_spacing_mm=(3.0, 3.0), seed=3)

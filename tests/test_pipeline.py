@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hnseg_keras import augment, pipeline, train_step
-from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.pipeline import PipelineConfig
+from hnseg_keras.inputs import augment, pipeline, train_step
+from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.pipeline import PipelineConfig
 
 SIZE, CROP, ORGANS = 40, 32, 2
 AUG = AugmentConfig(crop_size=CROP, warp_probability=1.0, elastic_sigma=8.0)
@@ -145,7 +145,7 @@ def test_intensity_stats_are_exact_after_the_window():
 
 
 def _write_manifest(root):
-    from hnseg_keras.shards import CaseRecord, Manifest, ShardInfo, ShardWriter, hu_histogram
+    from hnseg_keras.data.shards import CaseRecord, Manifest, ShardInfo, ShardWriter, hu_histogram
 
     examples = _examples(6)
     records = []
@@ -180,7 +180,7 @@ def test_augment_rejects_a_crop_larger_than_the_slices():
 
 
 def test_render_tile_draws_each_organ_contour_in_its_colour():
-    from hnseg_keras.preview import PALETTE, render_tile
+    from hnseg_keras.inputs.preview import PALETTE, render_tile
 
     image = np.full((12, 12, 3), 20.0, np.float32)  # centre channel at the window's middle -> gray 128
     masks = np.zeros((12, 12, 2), np.float32)

@@ -17,11 +17,11 @@ import SimpleITK as sitk
 from keras import layers, ops
 
 from hnseg_keras import configs
-from hnseg_keras.cases import Case, image_like, write_dicom_series, write_pddca_case
 from hnseg_keras.cli import main
-from hnseg_keras.organs import label_value
-from hnseg_keras.prediction import Predictor, keep_largest_component, load_predictor, segment_case
-from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.data.cases import Case, image_like, write_dicom_series, write_pddca_case
+from hnseg_keras.data.organs import label_value
+from hnseg_keras.data.slicing import SlicingConfig
+from hnseg_keras.inference.prediction import Predictor, keep_largest_component, load_predictor, segment_case
 
 ORGANS = ("BrainStem", "Parotid_L", "Parotid_R")
 SLICING = SlicingConfig(size=48, spacing_mm=1.0)  # 48 mm field of view inside the 57.6 mm CT

@@ -16,11 +16,11 @@ from test_shards import _assert_same
 from test_slicing import make_case
 
 from hnseg_keras import cli, configs
-from hnseg_keras.cases import CaseRef, read_case, write_pddca_case
+from hnseg_keras.data.cases import CaseRef, read_case, write_pddca_case
+from hnseg_keras.data.prepare import PrepareConfig, assign_splits, prepare
+from hnseg_keras.data.shards import Manifest, read_split
+from hnseg_keras.data.slicing import SlicingConfig, slice_case
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.prepare import PrepareConfig, assign_splits, prepare
-from hnseg_keras.shards import Manifest, read_split
-from hnseg_keras.slicing import SlicingConfig, slice_case
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "data" / "openkbp-hn"

@@ -9,8 +9,7 @@ import pytest
 import tensorflow as tf
 from test_slicing import ORGANS, make_case
 
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.shards import (
+from hnseg_keras.data.shards import (
     HIST_BINS,
     CaseRecord,
     Manifest,
@@ -22,7 +21,8 @@ from hnseg_keras.shards import (
     read_split,
     sha256_file,
 )
-from hnseg_keras.slicing import SlicingConfig, slice_case
+from hnseg_keras.data.slicing import SlicingConfig, slice_case
+from hnseg_keras.errors import HnsegError
 
 CONFIG = SlicingConfig(size=32, spacing_mm=1.0, neighbours=1, empty_slice_margin=1, empty_slice_share=0.0)
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from hnseg_keras import configs
-from hnseg_keras.cases import Case
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.slicing import (
+from hnseg_keras.data.cases import Case
+from hnseg_keras.data.slicing import (
     SliceTransform,
     SlicingConfig,
     compute_transform,
@@ -21,6 +20,7 @@ from hnseg_keras.slicing import (
     slice_case,
     to_original_grid,
 )
+from hnseg_keras.errors import HnsegError
 
 
 def _ellipsoid(shape, centre, radii):

@@ -14,11 +14,13 @@ import keras
 import numpy as np
 import pytest
 
-from hnseg_keras import callbacks as cb
-from hnseg_keras import cli, configs, train_step, training
+from hnseg_keras import cli, configs
+from hnseg_keras.data.prepare import PrepareConfig, prepare
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.prepare import PrepareConfig, prepare
-from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.inputs import train_step
+from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import trainer as training
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("BrainStem", "Mandible", "Parotid_L")
@@ -237,7 +239,7 @@ def test_a_killed_run_resumes_at_the_second_epoch(tiny_manifest, tmp_path):
     overrides = [*TINY_OVERRIDES, f"data={tiny_manifest}", f"out={out}", "epochs=3", "steps_per_epoch=2"]
     script = textwrap.dedent(f"""
         import os, keras
-        from hnseg_keras import training
+        from hnseg_keras.training import trainer as training
         class Kill(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 os._exit(17)
@@ -268,7 +270,7 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
     overrides = [*TINY_OVERRIDES, f"data={tiny_manifest}", f"out={out}", "epochs=1", "steps_per_epoch=2"]
     script = textwrap.dedent(f"""
         import tensorflow as tf
-        from hnseg_keras import training
+        from hnseg_keras.training import trainer as training
         strategy = training.strategy_from_environment()
         assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
         assert strategy.num_replicas_in_sync == 2

@@ -16,11 +16,13 @@ import keras
 import keras_tuner
 import pytest
 
-from hnseg_keras import callbacks as cb
-from hnseg_keras import cli, configs, training, tuning
+from hnseg_keras import cli, configs
+from hnseg_keras.data.prepare import PrepareConfig, prepare
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.prepare import PrepareConfig, prepare
-from hnseg_keras.slicing import SlicingConfig
+from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import trainer as training
+from hnseg_keras.training import tuning
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("BrainStem", "Mandible", "Parotid_L")

@@ -22,6 +22,8 @@ class Organ:
         aliases: other spellings accepted when reading (compared case-insensitively).
         partner: the mirrored organ (``"Parotid_R"`` for ``"Parotid_L"``), or None.
         tolerance_mm: surface-Dice tolerance (Nikolov et al. 2018 where they give one).
+        colour: RGB 0-255, the one colour of this organ in previews, TensorBoard images, RTSTRUCT ROIs
+            and Slicer segmentations.
     """
 
     name: str
@@ -29,29 +31,28 @@ class Organ:
     aliases: tuple[str, ...] = ()
     partner: str | None = None
     tolerance_mm: float = 2.5
+    colour: tuple[int, int, int] = (255, 255, 255)
 
 
 CATALOGUE: dict[str, Organ] = {
     organ.name: organ
     for organ in (
-        Organ("BrainStem", 1, ("Brainstem", "Brain_Stem", "brain stem"), None, 2.50),
-        Organ("Chiasm", 2, ("OpticChiasm", "Optic_Chiasm"), None, 2.50),
-        Organ("Mandible", 3, ("Bone_Mandible", "Jaw"), None, 1.01),
-        Organ("OpticNerve_L", 4, ("LeftOpticNerve", "OpticNrv_L", "Optic_Nerve_L"), "OpticNerve_R", 2.50),
-        Organ("OpticNerve_R", 5, ("RightOpticNerve", "OpticNrv_R", "Optic_Nerve_R"), "OpticNerve_L", 2.50),
-        Organ("Parotid_L", 6, ("LeftParotid", "Parotid_Left", "Glnd_Parotid_L"), "Parotid_R", 2.85),
-        Organ("Parotid_R", 7, ("RightParotid", "Parotid_Right", "Glnd_Parotid_R"), "Parotid_L", 2.85),
+        Organ("BrainStem", 1, ("Brainstem", "Brain_Stem", "brain stem"), None, 2.50, (230, 159, 0)),
+        Organ("Chiasm", 2, ("OpticChiasm", "Optic_Chiasm"), None, 2.50, (240, 228, 66)),
+        Organ("Mandible", 3, ("Bone_Mandible", "Jaw"), None, 1.01, (241, 214, 145)),
+        Organ("OpticNerve_L", 4, ("LeftOpticNerve", "OpticNrv_L", "Optic_Nerve_L"), "OpticNerve_R", 2.50, (0, 158, 115)),
+        Organ("OpticNerve_R", 5, ("RightOpticNerve", "OpticNrv_R", "Optic_Nerve_R"), "OpticNerve_L", 2.50, (86, 180, 233)),
+        Organ("Parotid_L", 6, ("LeftParotid", "Parotid_Left", "Glnd_Parotid_L"), "Parotid_R", 2.85, (204, 121, 167)),
+        Organ("Parotid_R", 7, ("RightParotid", "Parotid_Right", "Glnd_Parotid_R"), "Parotid_L", 2.85, (213, 94, 0)),
         Organ(
             "Submandibular_L", 8, ("Submandible_L", "LeftSubmandibular", "Glnd_Submand_L"),
-            "Submandibular_R", 4.01,
-        ),
+            "Submandibular_R", 4.01, (0, 114, 178)),
         Organ(
             "Submandibular_R", 9, ("Submandible_R", "RightSubmandibular", "Glnd_Submand_R"),
-            "Submandibular_L", 4.01,
-        ),
-        Organ("SpinalCord", 10, ("Spinal_Cord", "Cord"), None, 2.93),
-        Organ("Larynx", 11, (), None, 2.50),
-        Organ("Esophagus", 12, ("Oesophagus",), None, 2.50),
+            "Submandibular_L", 4.01, (120, 220, 90)),
+        Organ("SpinalCord", 10, ("Spinal_Cord", "Cord"), None, 2.93, (255, 255, 100)),
+        Organ("Larynx", 11, (), None, 2.50, (150, 90, 220)),
+        Organ("Esophagus", 12, ("Oesophagus",), None, 2.50, (170, 90, 50)),
     )
 }
 
@@ -91,6 +92,11 @@ def resolve_organs(names: Sequence[str] | None) -> tuple[str, ...]:
 def label_value(name: str) -> int:
     """Label-map value of a canonical organ name."""
     return CATALOGUE[name].label
+
+
+def colour_of(name: str) -> tuple[int, int, int]:
+    """RGB 0-255 of a canonical organ name."""
+    return CATALOGUE[name].colour
 
 
 def flip_permutation(organs: Sequence[str]) -> list[int]:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from hnseg_keras import organs as organ_catalogue
+from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.errors import HnsegError
 
 METRICS = ("dice", "hd95_mm", "asd_mm", "surface_dice")
@@ -206,7 +206,7 @@ def _read_on_grid(path: Path, case) -> np.ndarray:
     """Array [Z, Y, X] of an image file after checking it lies on the ground-truth CT grid."""
     import SimpleITK as sitk
 
-    from hnseg_keras import cases
+    from hnseg_keras.data import cases
 
     try:
         image = sitk.ReadImage(str(path))
@@ -233,7 +233,7 @@ def _read_on_grid(path: Path, case) -> np.ndarray:
 
 def read_prediction(path: Path, case, organs: Sequence[str]) -> dict[str, np.ndarray]:
     """bool masks [Z, Y, X] per organ; an organ without a structure file or label is predicted empty."""
-    from hnseg_keras.cases import IMAGE_SUFFIXES
+    from hnseg_keras.data.cases import IMAGE_SUFFIXES
 
     if not path.is_dir():
         labels = _read_on_grid(path, case)
@@ -277,7 +277,7 @@ def evaluate_case(pred: dict[str, np.ndarray], gt, organs: Sequence[str], protoc
 
 def _evaluate_one(task: tuple) -> tuple[str, dict, float]:
     """Worker: read one ground-truth case and its prediction, return (case id, metrics, seconds)."""
-    from hnseg_keras.cases import read_case
+    from hnseg_keras.data.cases import read_case
 
     case_id, gt_path, pred_path, organs, protocol = task
     start = time.perf_counter()
@@ -289,7 +289,7 @@ def _evaluate_one(task: tuple) -> tuple[str, dict, float]:
 def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: str = "3d",
              workers: int = 1, allow_missing: bool = False) -> dict:
     """Evaluate every ground-truth case under ``gt_root`` against ``pred_dir``; the results.json dict."""
-    from hnseg_keras.cases import find_cases
+    from hnseg_keras.data.cases import find_cases
 
     pred_dir, organs = Path(pred_dir), organ_catalogue.resolve_organs(organs)
     if protocol not in ("3d", "seed2d"):

@@ -20,9 +20,9 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_keras import configs
+from hnseg_keras.data.organs import CATALOGUE
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.organs import CATALOGUE
-from hnseg_keras.targets import unpack_targets
+from hnseg_keras.inputs.targets import unpack_targets
 
 # Contour colours (RGB) by catalogue label value - 1; distinct on a grey CT.
 PALETTE = np.array([

@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.targets import unpack_targets
+from hnseg_keras.inputs.targets import unpack_targets
 
 
 def confusion_counts(y_true, y_pred, num_organs: int, threshold: float = 0.5, sample_weight=None):

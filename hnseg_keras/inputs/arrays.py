@@ -33,8 +33,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from hnseg_keras import targets
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inputs import targets
 
 FORMAT = "hnseg-slice-arrays/1"
 MAX_ORGANS = 8
@@ -228,8 +228,8 @@ class RawBatches(_UniformBatches):
 def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.PathLike,
                  window: tuple[float, float] | None = None, force: bool = False) -> Path:
     """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards)."""
-    from hnseg_keras import augment, pipeline
-    from hnseg_keras.shards import Manifest, read_split
+    from hnseg_keras.data.shards import Manifest, read_split
+    from hnseg_keras.inputs import augment, pipeline
 
     out = Path(out)
     if out.exists() and not force:

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_keras import configs
-from hnseg_keras.cases import (
+from hnseg_keras.data.cases import (
     IMAGE_SUFFIXES,
     Case,
     find_cases,
@@ -39,9 +39,8 @@ from hnseg_keras.cases import (
     write_label_map,
     write_pddca_case,
 )
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.organs import flip_permutation, label_value, resolve_organs
-from hnseg_keras.slicing import (
+from hnseg_keras.data.organs import flip_permutation, label_value, resolve_organs
+from hnseg_keras.data.slicing import (
     AIR_HU,
     SlicingConfig,
     compute_transform,
@@ -49,6 +48,7 @@ from hnseg_keras.slicing import (
     field_of_view,
     to_field_of_view,
 )
+from hnseg_keras.errors import HnsegError
 
 THRESHOLD = 0.5
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
@@ -88,7 +88,7 @@ class Predictor:
     def from_keras_model(cls, model, organs: Sequence[str], slicing: SlicingConfig, source: str = "keras model",
                          size_multiple: int = 16) -> Predictor:
         """Wrap an in-memory Keras model; slices are air-padded (centred) to a multiple of ``size_multiple``."""
-        from hnseg_keras.export import padding_for
+        from hnseg_keras.inference.export import padding_for
 
         size = slicing.size
         before, after = padding_for(size, size_multiple)  # square slices: same padding on H and W
@@ -110,7 +110,7 @@ def load_predictor(model_path: str | os.PathLike) -> Predictor:
     A ``.keras`` file takes its metadata from ``metadata.json`` beside it (export folder) or from
     the run's ``config.json`` and data manifest (run folder).
     """
-    from hnseg_keras.export import METADATA_FILE, read_metadata, run_metadata
+    from hnseg_keras.inference.export import METADATA_FILE, read_metadata, run_metadata
 
     path = Path(model_path)
     if not path.exists():
@@ -141,7 +141,7 @@ def _metadata_parts(metadata: dict) -> tuple[tuple[str, ...], SlicingConfig, int
 
 
 def _keras_predictor(path: Path, metadata: dict) -> Predictor:
-    from hnseg_keras.export import load_keras_model, size_multiple_of
+    from hnseg_keras.inference.export import load_keras_model, size_multiple_of
 
     organs, slicing, channels = _metadata_parts(metadata)
     model = load_keras_model(path)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import keras
 
-from hnseg_keras import augment, targets
-from hnseg_keras.augment import AugmentConfig
+from hnseg_keras.inputs import augment, targets
+from hnseg_keras.inputs.augment import AugmentConfig
 
 
 def device_augment(batch: dict, seed, config: AugmentConfig, organ_weights=None):

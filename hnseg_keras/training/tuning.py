@@ -35,11 +35,12 @@ from pathlib import Path
 
 import keras_tuner
 
-from hnseg_keras import callbacks as cb
-from hnseg_keras import configs, training
+from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.train_step import augment_in_train_step
-from hnseg_keras.training import TrainConfig
+from hnseg_keras.inputs.train_step import augment_in_train_step
+from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import trainer as training
+from hnseg_keras.training.trainer import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
 OBJECTIVE = "val_dice"  # maximised; the loss's scale depends on the tuned weights
@@ -405,7 +406,7 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
     strategy = _strategy()
     manifest_path = training.manifest_path_of(base)
     resolved = training.resolve_for_data(base, manifest_path)
-    from hnseg_keras.shards import Manifest
+    from hnseg_keras.data.shards import Manifest
 
     organs = list(Manifest.load(manifest_path).organs)
     out.mkdir(parents=True, exist_ok=True)

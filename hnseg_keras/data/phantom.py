@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs
-from hnseg_keras.cases import Case, CaseRef, write_pddca_case
+from hnseg_keras.data.cases import Case, CaseRef, write_pddca_case
 from hnseg_keras.errors import HnsegError
 
 

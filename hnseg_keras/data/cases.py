@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
-from hnseg_keras.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from hnseg_keras import augment, targets
-from hnseg_keras.augment import AugmentConfig
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inputs import augment, targets
+from hnseg_keras.inputs.augment import AugmentConfig
 
 EXAMPLE_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps", "annotated")
 _SEED_MODULUS = 2**31 - 1
@@ -181,7 +181,7 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
 
 
 def _manifest(manifest_path):
-    from hnseg_keras.shards import Manifest
+    from hnseg_keras.data.shards import Manifest
 
     return Manifest.load(manifest_path)
 
@@ -228,7 +228,7 @@ def intensity_stats(manifest, window: tuple[float, float] | None) -> tuple[float
 def train_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
                   augment_config: AugmentConfig | None = None, split: str = "train") -> tf.data.Dataset:
     """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights."""
-    from hnseg_keras.shards import read_split
+    from hnseg_keras.data.shards import read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     manifest = _manifest(manifest_path)
@@ -243,7 +243,7 @@ def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: Pipeli
                        augment_config: AugmentConfig | None = None,
                        split: str = "validation") -> tf.data.Dataset:
     """:func:`build_validation_dataset` over ``split`` of a manifest (fixed order)."""
-    from hnseg_keras.shards import read_split
+    from hnseg_keras.data.shards import read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     manifest = _manifest(manifest_path)

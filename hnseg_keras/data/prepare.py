@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs
-from hnseg_keras.cases import find_cases, read_case
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.organs import DEFAULT_ORGANS, resolve_organs
-from hnseg_keras.shards import (
+from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.organs import DEFAULT_ORGANS, resolve_organs
+from hnseg_keras.data.shards import (
     HIST_BINS,
     TEMP_SUFFIX,
     CaseRecord,
@@ -41,7 +40,8 @@ from hnseg_keras.shards import (
     sha256_file,
     verify_shards,
 )
-from hnseg_keras.slicing import SlicingConfig, compute_transform, slice_case
+from hnseg_keras.data.slicing import SlicingConfig, compute_transform, slice_case
+from hnseg_keras.errors import HnsegError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test", "testing": "test"}
@@ -221,7 +221,7 @@ def _phantom_input(out: Path, source: PhantomSource) -> list:
 
     `phantom.write_phantom` writes each case folder atomically and skips finished ones on a rerun.
     """
-    from hnseg_keras import phantom
+    from hnseg_keras.data import phantom
 
     return phantom.write_phantom(out / "phantom-cases", source.num_cases, source.config or phantom.PhantomConfig())
 
@@ -347,7 +347,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _phantom_config(args: argparse.Namespace):
-    from hnseg_keras import phantom
+    from hnseg_keras.data import phantom
 
     options = list(args.phantom_option)
     for key, value in (("size", args.phantom_size), ("spacing_mm", args.phantom_spacing),

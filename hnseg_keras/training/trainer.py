@@ -32,25 +32,25 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from hnseg_keras import callbacks as cb
 from hnseg_keras import configs
-from hnseg_keras.augment import AugmentConfig
+from hnseg_keras.data.phantom import PhantomConfig
+from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
+from hnseg_keras.data.shards import Manifest
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.losses import BoundaryRamp, SegmentationLoss
-from hnseg_keras.metrics import dice_metrics
-from hnseg_keras.model import UNetConfig, build_unet, variant_config
-from hnseg_keras.phantom import PhantomConfig
-from hnseg_keras.pipeline import (
+from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.pipeline import (
     PipelineConfig,
     intensity_stats,
     organ_weights_from_manifest,
     train_dataset,
     validation_dataset,
 )
-from hnseg_keras.prepare import PhantomSource, PrepareConfig, prepare
-from hnseg_keras.shards import Manifest
-from hnseg_keras.slicing import SlicingConfig
-from hnseg_keras.train_step import augment_in_train_step, augmenter
+from hnseg_keras.inputs.train_step import augment_in_train_step, augmenter
+from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
+from hnseg_keras.model.metrics import dice_metrics
+from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
+from hnseg_keras.training import callbacks as cb
 
 VARIANT_NAMES = ("S", "M", "L")
 DEMO_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R", "Submandibular_L", "Submandibular_R")

@@ -27,7 +27,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from hnseg_keras.targets import num_target_channels, unpack_targets
+from hnseg_keras.inputs.targets import num_target_channels, unpack_targets
 
 _EPS = 1e-7  # inside the logs of the focal loss
 

@@ -87,8 +87,8 @@ def preview_batch(manifest_path, count: int, seed: int, augment_config, split: s
 
     masks are those of the target with the larger mixup weight (the first one when lam >= 0.5).
     """
-    from hnseg_keras import pipeline, targets
-    from hnseg_keras.shards import Manifest
+    from hnseg_keras.data.shards import Manifest
+    from hnseg_keras.inputs import pipeline, targets
 
     manifest = Manifest.load(manifest_path)
     available = int(manifest.splits.get(split, {}).get("slices", 0))
@@ -133,8 +133,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hnseg_keras.augment import HU_RANGE, AugmentConfig
-    from hnseg_keras.shards import Manifest
+    from hnseg_keras.data.shards import Manifest
+    from hnseg_keras.inputs.augment import HU_RANGE, AugmentConfig
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import __version__, configs
+from hnseg_keras.data.organs import label_value, resolve_organs
+from hnseg_keras.data.slicing import AIR_HU, SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
-from hnseg_keras.organs import label_value, resolve_organs
-from hnseg_keras.slicing import AIR_HU, SlicingConfig
 
 METADATA_FORMAT = "hnseg-keras-export"
 METADATA_SCHEMA = 1
@@ -51,7 +51,7 @@ def load_keras_model(path: str | os.PathLike):
     """Load a ``.keras`` file written by hnseg-keras (inference only, no compile)."""
     import keras
 
-    from hnseg_keras import losses, metrics, model  # noqa: F401  (registers the custom objects)
+    from hnseg_keras.model import losses, metrics, unet  # noqa: F401  (registers the custom objects)
 
     path = Path(path)
     if not path.is_file():
@@ -70,21 +70,21 @@ def normalisation_of(model) -> dict:
     The layer must follow the input directly (only ``SpatialSizeCheck`` may sit in between), so
     whatever feeds the model raw HU gets exactly the training normalisation.
     """
-    from hnseg_keras.model import HUWindowNormalize, SpatialSizeCheck
+    from hnseg_keras.model.unet import HUWindowNormalize, SpatialSizeCheck
 
     inner = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
     while inner and isinstance(inner[0], SpatialSizeCheck):
         inner = inner[1:]
     if not inner or not isinstance(inner[0], HUWindowNormalize):
         raise HnsegError(f"model {model.name!r} does not start with the HU window layer (hu_window); export "
-                         "needs a model built by hnseg_keras.model.build_unet, which normalises inside the graph")
+                         "needs a model built by hnseg_keras.model.unet.build_unet, which normalises inside the graph")
     layer = inner[0]
     return {"window": list(layer.window) if layer.window else None, "hu_mean": layer.mean, "hu_std": layer.std}
 
 
 def size_multiple_of(model) -> int:
     """The spatial multiple the U-Net needs (from its ``SpatialSizeCheck`` layer; 16 if absent)."""
-    from hnseg_keras.model import SpatialSizeCheck
+    from hnseg_keras.model.unet import SpatialSizeCheck
 
     checks = [layer for layer in model.layers if isinstance(layer, SpatialSizeCheck)]
     return checks[0].multiple if checks else 16
@@ -92,7 +92,7 @@ def size_multiple_of(model) -> int:
 
 def run_metadata(run_dir: str | os.PathLike) -> dict:
     """Organs, slicing and input geometry of a training run, from its config.json and data manifest."""
-    from hnseg_keras.shards import Manifest
+    from hnseg_keras.data.shards import Manifest
 
     run_dir = Path(run_dir)
     config = configs.read_json(run_dir / "config.json")

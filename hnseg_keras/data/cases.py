@@ -64,11 +64,18 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseRef:
-    """Where a case lives on disk; ``split`` is the hint from its parent folder (or None)."""
+    """Where a case lives on disk.
+
+    ``split`` is the hint from its folder (or None); ``layout`` is "pddca", "dicom", "nnunet" or
+    "image"; ``label`` is the label-map file of an nnU-Net case; ``series`` the chosen DICOM CT series.
+    """
 
     case_id: str
     path: Path
     split: str | None = None
+    layout: str = "pddca"
+    label: Path | None = None
+    series: str | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -79,6 +86,8 @@ def read_case(
     organs: Sequence[str] = DEFAULT_ORGANS,
     label_map: str | os.PathLike | None = None,
     labels: Mapping[int | str, str] | str | os.PathLike | None = None,
+    catalogue: Mapping | None = None,
+    known_values: set[int] | None = None,
 ) -> Case:
     """Read one case from a PDDCA folder, a DICOM series folder or an image file.
 
@@ -89,6 +98,8 @@ def read_case(
         labels: {label value: organ name} dict or JSON file path. Default: catalogue values,
             and then an organ with no voxel in the label map counts as not annotated; with an
             explicit map every listed organ counts as annotated (possibly empty).
+        catalogue: organ catalogue (``organs.read_organs_file``); default the built-in one.
+        known_values: every value the label map may hold (0 included); others are an error.
     Returns:
         Case with int16 HU CT and uint8 {0,1} masks for the annotated organs in ``organs``.
     """
@@ -98,26 +109,26 @@ def read_case(
     if path.is_dir() and ((path / "img.nrrd").exists() or (path / "structures").is_dir()):
         if label_map is not None:
             raise HnsegError(f"{path}: a PDDCA case folder carries its own structures; drop the label map")
-        return _read_pddca(path, organs)
+        return _read_pddca(path, organs, catalogue)
     if path.is_dir():
         ct_image = _read_dicom_series(path)
         case_id = path.name
     else:
         ct_image = _read_image(path)
         case_id = _strip_suffix(path.name)
-    case = _case_from_ct(case_id, ct_image, path)
+    case = case_from_image(case_id, ct_image, path)
     if label_map is not None:
-        case.masks = _read_label_map(Path(label_map), ct_image, organs, labels)
+        case.masks = _read_label_map(Path(label_map), ct_image, organs, labels, catalogue, known_values)
     return case
 
 
-def _read_pddca(folder: Path, organs: Sequence[str]) -> Case:
+def _read_pddca(folder: Path, organs: Sequence[str], catalogue: Mapping | None = None) -> Case:
     """PDDCA layout; a structure file that is absent means the organ is not annotated."""
     img_path = folder / "img.nrrd"
     if not img_path.is_file():
         raise HnsegError(f"{folder}: case folder has no img.nrrd; add the CT as img.nrrd or remove the folder")
     ct_image = _read_image(img_path)
-    case = _case_from_ct(folder.name, ct_image, img_path)
+    case = case_from_image(folder.name, ct_image, img_path)
     found: dict[str, Path] = {}
     unknown = []
     structures = folder / "structures"
@@ -125,7 +136,7 @@ def _read_pddca(folder: Path, organs: Sequence[str]) -> Case:
     for file in files:
         if not file.is_file() or not file.name.lower().endswith(IMAGE_SUFFIXES):
             continue
-        name = canonical_name(_strip_suffix(file.name))
+        name = canonical_name(_strip_suffix(file.name), catalogue)
         if name is None:
             unknown.append(file.name)
         elif name in found:
@@ -141,10 +152,11 @@ def _read_pddca(folder: Path, organs: Sequence[str]) -> Case:
     return case
 
 
-def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], labels) -> dict[str, np.ndarray]:
+def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], labels,
+                    catalogue: Mapping | None = None, known_values: set[int] | None = None) -> dict[str, np.ndarray]:
     """Masks from a label map; see ``read_case`` for which organs count as annotated."""
     explicit = labels is not None
-    value_to_organ = _label_table(labels, organs)
+    value_to_organ = _label_table(labels, organs, catalogue)
     image = _read_image(path)
     _check_same_geometry(image, ct_image, path)
     array = sitk.GetArrayFromImage(image)
@@ -156,6 +168,9 @@ def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], lab
     else:
         values = np.unique(array).astype(np.int64)
     present = set(values.tolist()) - {0}
+    if known_values is not None and present - set(known_values):
+        raise HnsegError(f"{path}: holds label value(s) {sorted(present - set(known_values))} that dataset.json does "
+                         "not define; fix the labels in dataset.json or in the label map")
     unmapped = sorted(v for v in present if v not in value_to_organ)
     if unmapped:
         log.info("%s: ignoring label values %s (not in the label table)", path, unmapped)
@@ -166,10 +181,10 @@ def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], lab
     return {name: masks[name] for name in organs if name in masks}
 
 
-def _label_table(labels, organs: Sequence[str]) -> dict[int, str]:
+def _label_table(labels, organs: Sequence[str], catalogue: Mapping | None = None) -> dict[int, str]:
     """{value: canonical organ} from a dict, a JSON file, or the catalogue (None)."""
     if labels is None:
-        return {label_value(name): name for name in organs}
+        return {label_value(name, catalogue): name for name in organs}
     source = labels
     if isinstance(labels, str | os.PathLike):
         try:
@@ -180,9 +195,9 @@ def _label_table(labels, organs: Sequence[str]) -> dict[int, str]:
         raise HnsegError(f"{source}: the label table must be a JSON object {{value: organ name}}")
     table = {}
     for key, name in labels.items():
-        canonical = canonical_name(str(name))
+        canonical = canonical_name(str(name), catalogue)
         if canonical is None:
-            raise HnsegError(f"{source}: unknown organ {name!r}; known organs: {', '.join(CATALOGUE)}")
+            raise HnsegError(f"{source}: unknown organ {name!r}; known organs: {', '.join(catalogue or CATALOGUE)}")
         try:
             table[int(key)] = canonical
         except ValueError:
@@ -191,23 +206,14 @@ def _label_table(labels, organs: Sequence[str]) -> dict[int, str]:
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The largest DICOM series in ``folder`` with rescale slope/intercept applied (HU)."""
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not series_ids:
+    """The checked CT series of a DICOM folder (``dicom.open_patient``), in HU."""
+    from hnseg_keras.data import dicom
+
+    if not dicom.dicom_files(folder, first_only=True):
         raise HnsegError(
-            f"{folder}: no img.nrrd (PDDCA case) and no DICOM series found; give a case folder or a DICOM CT folder"
+            f"{folder}: no img.nrrd (PDDCA case) and no DICOM files found; give a case folder or a DICOM CT folder"
         )
-    files_per_series = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
-    files = max(files_per_series, key=len)
-    if len(series_ids) > 1:
-        log.info("%s: %d DICOM series, reading the largest (%d files)", folder, len(series_ids), len(files))
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as error:
-        raise HnsegError(f"{folder}: cannot read the DICOM series ({_first_line(error)})") from None
-    return image
+    return dicom.read_ct(dicom.open_patient(folder))
 
 
 def _read_image(path: Path) -> sitk.Image:
@@ -222,7 +228,7 @@ def _read_image(path: Path) -> sitk.Image:
         ) from None
 
 
-def _case_from_ct(case_id: str, image: sitk.Image, path: Path) -> Case:
+def case_from_image(case_id: str, image: sitk.Image, path: Path) -> Case:
     """Validate the CT (3D, scalar, finite) and convert it to int16 HU."""
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise HnsegError(f"{path}: image is 2D (size {image.GetSize()}); give a 3D CT volume")

@@ -1,0 +1,133 @@
+"""Builders for the bring-your-own-data tests: phantom cases written as DICOM trees and nnU-Net datasets.
+
+Every layout is built from ``phantom.generate_case`` so the true masks are known voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from hnseg_keras.data.cases import Case, write_dicom_series
+from hnseg_keras.data.organs import DEFAULT_ORGANS, label_value
+from hnseg_keras.data.phantom import PhantomConfig, generate_case
+
+# 64 x 64 voxels at 4 mm, about 17 slices of 6-8 mm: a DICOM patient in well under a second.
+SMALL = PhantomConfig(size=64, spacing_mm=4.0, slice_spacing_mm=(6.0, 8.0), z_extent_mm=120.0, seed=3)
+
+# Clinic-style ROI names (TG-263, upper case, sides as prefix/suffix) for the nine organs.
+CLINIC_NAMES = {
+    "BrainStem": "Brain Stem", "Chiasm": "OpticChiasm", "Mandible": "Bone_Mandible", "OpticNerve_L": "OpticNrv_L",
+    "OpticNerve_R": "Optic Nerve Rt", "Parotid_L": "PAROTID LT", "Parotid_R": "Rt Parotid",
+    "Submandibular_L": "Glnd_Submand_L", "Submandibular_R": "Submandibular Right",
+}
+JUNK_ROIS = ("External", "PTV_70", "z_opt", "Ring_PTV70")
+ARRANGEMENTS = ("flat", "split", "nested")
+
+
+def small_case(index: int) -> Case:
+    return generate_case(index, SMALL)
+
+
+def _junk_masks(case: Case) -> dict[str, np.ndarray]:
+    """Body outline, a box 'PTV', a small 'z_opt' and a hollow ring: ROIs that match no organ."""
+    body = (case.ct > -500).astype(bool)
+    ptv = np.zeros_like(body)
+    depth, height, width = body.shape
+    ptv[depth // 3: depth // 2, height // 3: height // 2, width // 3: width // 2] = True
+    opt = np.zeros_like(body)
+    opt[depth // 2, 5:9, 5:9] = True
+    ring = np.zeros_like(body)
+    ring[depth // 2, 20:40, 20:40] = True
+    ring[depth // 2, 25:35, 25:35] = False  # a hole: read back as a ring, not a filled square
+    return {"External": body, "PTV_70": ptv, "z_opt": opt, "Ring_PTV70": ring}
+
+
+def write_rtstruct(case: Case, ct_folder: Path, path: Path, names: dict[str, str] = CLINIC_NAMES,
+                   junk: bool = True, extra: dict[str, np.ndarray] | None = None) -> Path:
+    """An RTSTRUCT (rt-utils) of the case's masks under clinic ``names`` (plus junk ROIs) for its CT series."""
+    from rt_utils import RTStructBuilder
+
+    rtstruct = RTStructBuilder.create_new(str(ct_folder))
+    rois = {names[organ]: mask for organ, mask in case.masks.items() if organ in names}
+    rois.update(_junk_masks(case) if junk else {})
+    rois.update(extra or {})
+    for name, mask in rois.items():
+        if mask.any():
+            rtstruct.add_roi(mask=np.moveaxis(mask.astype(bool), 0, -1), name=name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rtstruct.ds.save_as(str(path), enforce_file_format=True)
+    return path
+
+
+def write_patient(case: Case, folder: Path, arrangement: str = "flat", rtstruct: bool = True, **kwargs) -> Path:
+    """One patient folder: "flat" (CT files + RTSTRUCT side by side), "split" (CT/ + RTSTRUCT/) or "nested"
+    (study/series subfolders with meaningless file names)."""
+    staging = folder.parent / f".staging-{uuid.uuid4().hex[:6]}"
+    write_dicom_series(case, staging)
+    if arrangement == "flat":
+        ct_folder, rs_path = folder, folder / "RS.dcm"
+    elif arrangement == "split":
+        ct_folder, rs_path = folder / "CT", folder / "RTSTRUCT" / "structures.dcm"
+    else:
+        ct_folder, rs_path = folder / "1.2.3" / "s1", folder / "1.2.3" / "s2" / f"{uuid.uuid4().hex}"
+    ct_folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(staging.iterdir()):
+        target = ct_folder / (path.name if arrangement != "nested" else uuid.uuid4().hex[:12])
+        shutil.move(str(path), target)
+    shutil.rmtree(staging)
+    if rtstruct:
+        write_rtstruct(case, ct_folder, rs_path, **kwargs)
+    return folder
+
+
+def write_dicom_tree(root: Path, indices=(0, 1), arrangement: str = "flat") -> dict[str, Case]:
+    """root/<patient>/... for phantom cases ``indices``; returns {patient folder name: Case}."""
+    written = {}
+    for index in indices:
+        case = small_case(index)
+        name = f"patient{index:02d}"
+        write_patient(case, root / name, arrangement)
+        written[name] = case
+    return written
+
+
+def write_nnunet(root: Path, indices=(0, 1), test_indices=(2,), names: dict[str, str] | None = None) -> dict[str, Case]:
+    """An nnU-Net v2 raw dataset of phantom cases (label values of the catalogue, organ names as label names)."""
+    names = names or {organ: organ for organ in DEFAULT_ORGANS}
+    labels = {"background": 0, **{names[organ]: label_value(organ) for organ in DEFAULT_ORGANS}}
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    written = {}
+    for index, folder in [(i, "Tr") for i in indices] + [(i, "Ts") for i in test_indices]:
+        case = small_case(index)
+        case_id = f"HN_{index:03d}"
+        _write_image(case.ct, case, root / f"images{folder}" / f"{case_id}_0000.nii.gz")
+        if folder == "Tr":
+            label_map = np.zeros(case.ct.shape, dtype=np.uint8)
+            for organ, mask in case.masks.items():
+                label_map[mask > 0] = label_value(organ)
+            _write_image(label_map, case, root / "labelsTr" / f"{case_id}.nii.gz")
+        written[case_id] = case
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": labels, "numTraining": len(indices), "file_ending": ".nii.gz"}))
+    return written
+
+
+def _write_image(array: np.ndarray, case: Case, path: Path) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(case.spacing)
+    image.SetOrigin(case.origin)
+    image.SetDirection(case.direction)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total

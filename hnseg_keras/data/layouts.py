@@ -152,6 +152,8 @@ def describe(ref: CaseRef, reading: Reading = Reading(), label_values: bool = Tr
             info["organs"] = matched
         return info
     image_path = ref.path / "img.nrrd" if ref.layout == "pddca" else ref.path
+    if not image_path.is_file():
+        raise HnsegError(f"{ref.path}: case folder has no img.nrrd; add the CT as img.nrrd or remove the folder")
     size, spacing = image_information(image_path)
     info.update(size=size, spacing_mm=spacing, organs={}, unmatched=[])
     if ref.layout == "pddca":

@@ -292,3 +292,9 @@ def catalogue_from(defs: Mapping[str, Mapping] | None) -> dict[str, Organ]:
     extra = [_organ_from_dict({"name": name, **entry}, "organ_definitions", 1) for name, entry in defs.items()]
     return with_organs(extra, {name: organ for name, organ in CATALOGUE.items() if name not in defs
                                and organ.label not in {e.label for e in extra}})
+
+
+def added_definitions(catalogue: Mapping[str, Organ]) -> dict[str, dict]:
+    """``definitions`` of the organs of ``catalogue`` that the built-in catalogue lacks or defines otherwise."""
+    added = [name for name, organ in catalogue.items() if CATALOGUE.get(name) != organ]
+    return definitions(added, catalogue)

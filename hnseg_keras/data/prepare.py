@@ -15,6 +15,7 @@ them, removes temp files and unrecorded shards, and converts the rest.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import re
@@ -28,7 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data import layouts, splits
+from hnseg_keras.data import organs as organ_catalogue
+from hnseg_keras.data.cases import CaseRef
 from hnseg_keras.data.organs import DEFAULT_ORGANS, resolve_organs
 from hnseg_keras.data.shards import (
     HIST_BINS,
@@ -43,11 +46,6 @@ from hnseg_keras.data.shards import (
 from hnseg_keras.data.slicing import SlicingConfig, compute_transform, slice_case
 from hnseg_keras.errors import HnsegError
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
-                 "valid": "validation", "test": "test", "testing": "test"}
-PDDCA_ID = re.compile(r"^0522c(\d{4})$")
-PDDCA_FIRST_TEST = 555  # the MICCAI 2015 challenge's test cases are 0522c0555 and up
-
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -60,6 +58,9 @@ class PrepareConfig:
         compression_level: zlib level of the GZIP shards (1 fastest .. 9 smallest).
         split_seed: seed of the train/validation draw for cases without a split from their folder.
         validation_fraction: share of those cases drawn into validation (PDDCA: 8 of 33).
+        split_fractions: train / validation / test shares for cases with neither a split folder nor a PDDCA id.
+        fold: the fold of an nnU-Net splits_final.json split file.
+        extra_organs: definitions of the organs added by ``--organs-file`` (``organs.definitions``).
     """
 
     organs: tuple[str, ...] = DEFAULT_ORGANS
@@ -68,9 +69,15 @@ class PrepareConfig:
     compression_level: int = 3
     split_seed: int = 2015
     validation_fraction: float = 8 / 33
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    fold: int = 0
+    extra_organs: dict = field(default_factory=dict)
+
+    def catalogue(self) -> dict:
+        return organ_catalogue.catalogue_from(self.extra_organs)
 
     def __post_init__(self):
-        object.__setattr__(self, "organs", resolve_organs(self.organs))  # canonical names, validated
+        object.__setattr__(self, "organs", resolve_organs(self.organs, self.catalogue()))  # validated names
         if not self.shard_max_mb > 0:
             raise HnsegError(f"shard_max_mb {self.shard_max_mb} must be positive")
         if not 0 <= self.compression_level <= 9:
@@ -93,44 +100,9 @@ def safe_name(case_id: str) -> str:
 
 
 def assign_splits(refs: Sequence, config: PrepareConfig, split_file: str | None = None) -> dict[str, str]:
-    """case_id -> split, deterministic by case id.
-
-    Priority: a JSON split file ({"train": [ids], ...} or {id: split}); else the folder hint of each
-    case (train/ validation/ test/); else PDDCA ids 0522c0555 and up are test and the remaining cases
-    are drawn into validation (`validation_fraction`, `split_seed`) or train.
-    """
-    ids = [ref.case_id for ref in refs]
-    if split_file is not None:
-        return _splits_from_file(split_file, ids)
-    splits = {ref.case_id: SPLIT_ALIASES.get(str(ref.split).lower()) for ref in refs if ref.split}
-    rest = sorted(case_id for case_id in ids if not splits.get(case_id))
-    for case_id in rest:
-        match = PDDCA_ID.match(case_id)
-        if match and int(match.group(1)) >= PDDCA_FIRST_TEST:
-            splits[case_id] = "test"
-    rest = [case_id for case_id in rest if case_id not in splits]
-    order = np.random.default_rng(config.split_seed).permutation(len(rest))
-    num_validation = int(round(len(rest) * config.validation_fraction))
-    for rank, index in enumerate(order):
-        splits[rest[index]] = "validation" if rank < num_validation else "train"
-    return splits
-
-
-def _splits_from_file(path: str, ids: Sequence[str]) -> dict[str, str]:
-    data = configs.read_json(path)
-    if not isinstance(data, dict):
-        raise HnsegError(f"{path}: expected a JSON object of split -> [case ids] or case id -> split")
-    if all(isinstance(value, list) for value in data.values()):
-        data = {str(case_id): split for split, members in data.items() for case_id in members}
-    splits = {}
-    for case_id, split in data.items():
-        if SPLIT_ALIASES.get(str(split).lower()) is None:
-            raise HnsegError(f"{path}: unknown split {split!r} for {case_id!r}; use train, validation or test")
-        splits[case_id] = SPLIT_ALIASES[str(split).lower()]
-    missing = [case_id for case_id in ids if case_id not in splits]
-    if missing:
-        raise HnsegError(f"{path}: no split for case(s) {', '.join(missing[:5])}; add them to the split file")
-    return {case_id: splits[case_id] for case_id in ids}
+    """case_id -> split (see ``splits.assign``), deterministic by case id."""
+    return splits.assign(refs, config.split_seed, config.validation_fraction, config.split_fractions, split_file,
+                         config.fold)[0]
 
 
 def convert_case(job: dict) -> tuple[dict, float]:
@@ -141,7 +113,9 @@ def convert_case(job: dict) -> tuple[dict, float]:
     start = time.perf_counter()
     config = configs.from_dict(PrepareConfig, job["config"])
     organs, slicing = config.organs, config.slicing
-    case = read_case(job["path"], organs)
+    ref = CaseRef(job["case_id"], Path(job["path"]), None, job["layout"],
+                  Path(job["label"]) if job["label"] else None, job["series"])
+    case = layouts.read_ref(ref, organs, layouts.Reading.from_job(job["reading"]))
     transform = compute_transform(case, slicing)
     stats = {name: {"annotated_slices": 0, "foreground_slices": 0, "foreground_pixels": 0} for name in organs}
     histogram = np.zeros(HIST_BINS, dtype=np.int64)
@@ -164,12 +138,14 @@ def convert_case(job: dict) -> tuple[dict, float]:
     return record.to_dict(), time.perf_counter() - start
 
 
-def _identity(source: str, config: PrepareConfig, split_file: str | None, phantom: dict | None) -> dict:
+def _identity(source: str, config: PrepareConfig, split_file: str | None, phantom: dict | None,
+              reading: layouts.Reading) -> dict:
     """What must match for a rerun to continue an existing output folder."""
     split_sha = None
     if split_file is not None:
         split_sha = sha256_file(split_file)
-    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom}
+    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom,
+            "reading": {"layout": reading.layout, "series": reading.series, "organ_map": dict(reading.organ_map)}}
 
 
 def _check_output(out: Path, source: str, identity: dict):
@@ -226,12 +202,23 @@ def _phantom_input(out: Path, source: PhantomSource) -> list:
     return phantom.write_phantom(out / "phantom-cases", source.num_cases, source.config or phantom.PhantomConfig())
 
 
-def _find(root: Path) -> list:
-    if not root.is_dir():
+def _find(root: Path, config: PrepareConfig, reading: layouts.Reading) -> list:
+    """The cases of ``root``, each checked (headers, names, contours) before anything is written."""
+    if not root.exists():
         raise HnsegError(f"{root}: input folder not found; give a folder of cases or use --phantom N")
-    refs = list(find_cases(root))
+    refs = layouts.find_refs(root, reading)
+    unlabelled = [ref.case_id for ref in refs if ref.layout in ("nnunet", "image") and ref.label is None]
+    if unlabelled:
+        print(f"prepare: skipping {len(unlabelled)} case(s) without contours ({', '.join(unlabelled[:5])}"
+              f"{', ...' if len(unlabelled) > 5 else ''})", file=sys.stderr)
+    refs = [ref for ref in refs if ref.case_id not in unlabelled]
     if not refs:
-        raise HnsegError(f"{root}: no cases found (expected <case>/img.nrrd folders or image files)")
+        raise HnsegError(f"{root}: no case with contours found; give CTs with their structures")
+    for ref in refs:
+        found = layouts.describe(ref, reading)["organs"]
+        if ref.layout != "pddca" and not set(found) & set(config.organs):
+            raise HnsegError(f"{ref.path}: none of the organs {', '.join(config.organs)} is among its structures; "
+                             "check the names with `hnseg scan` and map them with --organ-map")
     names = [safe_name(ref.case_id) for ref in refs]
     if len(set(names)) != len(names):
         raise HnsegError(f"{root}: case ids collide after making them file-name safe; rename the cases")
@@ -249,7 +236,7 @@ def _run_jobs(jobs: list[dict], workers: int):
         yield from pool.imap_unordered(convert_case, jobs)
 
 
-def _resolve_source(source) -> tuple[str, list | None, dict | None]:
+def _resolve_source(source, config: PrepareConfig, reading: layouts.Reading) -> tuple[str, list | None, dict | None]:
     """(source text for the manifest, CaseRefs or None for a phantom, phantom config dict)."""
     if isinstance(source, PhantomSource):
         if source.num_cases < 1:
@@ -257,26 +244,32 @@ def _resolve_source(source) -> tuple[str, list | None, dict | None]:
         config = configs.to_dict(source.config) if source.config is not None else None
         return f"phantom:{source.num_cases}", None, config
     root = Path(source).resolve()
-    return str(root), _find(root), None
+    return str(root), _find(root, config, reading), None
 
 
 def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLike,
-            config: PrepareConfig = PrepareConfig(), workers: int = 1, split_file: str | None = None) -> Manifest:
+            config: PrepareConfig = PrepareConfig(), workers: int = 1, split_file: str | None = None,
+            reading: layouts.Reading | None = None) -> Manifest:
     """Convert cases into shards + manifest in `out_dir`; resumes a partial run. Returns the Manifest.
+
+    ``reading`` says how to read the input (layout, DICOM series, organ-name map); its catalogue
+    is the config's (built-in organs plus ``extra_organs``).
 
     Input problems found before conversion write nothing; if the first run into a new folder fails
     before any case is finished, the folder is removed again.
     """
     out = Path(out_dir)
-    source_text, refs, phantom_config = _resolve_source(source)
+    reading = dataclasses.replace(reading or layouts.Reading(), catalogue=config.catalogue())
+    source_text, refs, phantom_config = _resolve_source(source, config, reading)
     if split_file is not None and not Path(split_file).is_file():
         raise HnsegError(f"{split_file}: split file not found")
-    identity = _identity(source_text, config, split_file, phantom_config)
+    identity = _identity(source_text, config, split_file, phantom_config, reading)
     _check_output(out, source_text, identity)
     slicing = config.slicing
     base = Manifest(organs=list(config.organs), slicing=configs.to_dict(slicing),
                     image_shape=[slicing.size, slicing.size, 2 * slicing.neighbours + 1],
-                    source=source_text, prepare=identity)
+                    source=source_text, prepare=identity,
+                    organ_definitions=organ_catalogue.definitions(config.organs, config.catalogue()))
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -284,21 +277,26 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
             base.save(out / "manifest.json")
         if refs is None:
             refs = _phantom_input(out, source)
-        return _convert_all(out, refs, config, assign_splits(refs, config, split_file), workers, base)
+        assignment, base.split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
+                                                    config.split_fractions, split_file, config.fold)
+        return _convert_all(out, refs, config, assignment, workers, base, reading)
     except HnsegError:
         if created and not list((out / "cases").glob("*.json")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
-def _convert_all(out: Path, refs: list, config: PrepareConfig, splits: dict[str, str], workers: int,
-                 base: Manifest) -> Manifest:
+def _convert_all(out: Path, refs: list, config: PrepareConfig, assignment: dict[str, str], workers: int,
+                 base: Manifest, reading: layouts.Reading) -> Manifest:
     """Skip verified cases, convert the others (progress line each), keep the manifest current."""
-    done = _resume_state(out, splits)
-    fields = {key: getattr(base, key) for key in ("organs", "slicing", "image_shape", "source", "prepare")}
+    done = _resume_state(out, assignment)
+    fields = {key: getattr(base, key) for key in ("organs", "slicing", "image_shape", "source", "prepare",
+                                                  "organ_definitions", "split_rule")}
     Manifest.from_records(list(done.values()), **fields).save(out / "manifest.json")
-    jobs = [{"case_id": ref.case_id, "path": str(ref.path), "split": splits[ref.case_id], "out": str(out),
-             "config": configs.to_dict(config)} for ref in refs if ref.case_id not in done]
+    jobs = [{"case_id": ref.case_id, "path": str(ref.path), "split": assignment[ref.case_id], "out": str(out),
+             "layout": ref.layout, "label": str(ref.label) if ref.label else None, "series": ref.series,
+             "reading": reading.to_job(), "config": configs.to_dict(config)}
+            for ref in refs if ref.case_id not in done]
     if done:
         print(f"skipping {len(done)} finished case(s) (shards verified)", file=sys.stderr)
     for number, (data, seconds) in enumerate(_run_jobs(jobs, workers), start=len(done) + 1):
@@ -324,7 +322,8 @@ def _parse_spacing(text: str) -> float | None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = SlicingConfig()
-    parser.add_argument("input", nargs="?", help="folder of cases (PDDCA <case>/img.nrrd, train/ validation/ ...)")
+    parser.add_argument("input", nargs="?", help="folder of cases: PDDCA <case>/img.nrrd (train/ validation/ "
+                        "...), a DICOM tree of patient folders, an nnU-Net raw dataset")
     parser.add_argument("--phantom", type=int, metavar="N", help="convert N generated phantom cases instead")
     parser.add_argument("--phantom-size", type=int, help="phantom in-plane voxels (default 512)")
     parser.add_argument("--phantom-spacing", type=float, help="phantom in-plane spacing, mm (default 0.9)")
@@ -341,7 +340,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--empty-share", type=float, default=defaults.empty_slice_share,
                         help="share of the other organ-free slices kept")
     parser.add_argument("--shard-mb", type=float, default=PrepareConfig.shard_max_mb, help="max shard payload, MiB")
-    parser.add_argument("--split-file", help="JSON {split: [case ids]} or {case id: split}")
+    parser.add_argument("--splits", "--split-file", dest="split_file", metavar="FILE",
+                        help="JSON {split: [case ids]}, {case id: split} or nnU-Net's splits_final.json")
+    parser.add_argument("--fold", type=int, default=0, help="fold of an nnU-Net splits_final.json (default 0)")
+    parser.add_argument("--split-fractions", default="0.7,0.15,0.15", metavar="TRAIN,VAL,TEST",
+                        help="shares for cases without a split folder or PDDCA id (default 0.7,0.15,0.15)")
+    parser.add_argument("--seed", type=int, default=PrepareConfig.split_seed, help="seed of the split draw")
+    layouts.add_arguments(parser)
     parser.add_argument("--workers", type=int, default=max(1, min(4, (os.cpu_count() or 2) // 2)),
                         help="parallel worker processes")
 
@@ -365,11 +370,15 @@ def run(args: argparse.Namespace) -> int:
         raise HnsegError("--phantom-size/--phantom-spacing/--phantom-seed/--phantom-option need --phantom N")
     slicing = SlicingConfig(size=args.size, spacing_mm=_parse_spacing(args.spacing), neighbours=args.neighbours,
                             empty_slice_margin=args.empty_margin, empty_slice_share=args.empty_share)
-    config = PrepareConfig(organs=resolve_organs(args.organs), slicing=slicing, shard_max_mb=args.shard_mb)
+    reading = layouts.reading_from_args(args)
+    extra = organ_catalogue.added_definitions(reading.catalogue)
+    config = PrepareConfig(organs=resolve_organs(args.organs, reading.catalogue), slicing=slicing,
+                           shard_max_mb=args.shard_mb, split_seed=args.seed, fold=args.fold,
+                           split_fractions=splits.parse_fractions(args.split_fractions), extra_organs=extra)
     source = args.input
     if args.phantom is not None:
         source = PhantomSource(args.phantom, _phantom_config(args))
-    manifest = prepare(source, args.out, config, workers=args.workers, split_file=args.split_file)
+    manifest = prepare(source, args.out, config, workers=args.workers, split_file=args.split_file, reading=reading)
     counts = ", ".join(f"{name} {split['cases']} cases / {split['slices']} slices"
                        for name, split in manifest.splits.items() if split["cases"])
     print(f"wrote {Path(args.out) / 'manifest.json'}: {counts}")

@@ -255,6 +255,8 @@ class Manifest:
     intensity_histogram: dict = field(default_factory=dict)
     source: str = ""
     prepare: dict = field(default_factory=dict)
+    organ_definitions: dict = field(default_factory=dict)  # {organ: organs.definitions entry}
+    split_rule: dict = field(default_factory=dict)  # how cases were assigned to splits (splits.assign)
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
 

@@ -16,6 +16,7 @@ from hnseg_keras.errors import HnsegError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "phantom": ("hnseg_keras.data.phantom", "write synthetic head-and-neck CT cases (PDDCA layout)"),
+    "scan": ("hnseg_keras.data.scan", "list the cases of an input: layout, CT grid, organs matched, problems"),
     "prepare": ("hnseg_keras.data.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
     "arrays": ("hnseg_keras.inputs.arrays", "write one prepared split as a compressed .npz (for backends without TensorFlow)"),
     "preview": ("hnseg_keras.inputs.preview", "write a PNG grid of augmented training slices"),

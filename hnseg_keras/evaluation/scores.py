@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from hnseg_keras.data import layouts
 from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.errors import HnsegError
 
@@ -231,16 +232,19 @@ def _read_on_grid(path: Path, case) -> np.ndarray:
     return array
 
 
-def read_prediction(path: Path, case, organs: Sequence[str]) -> dict[str, np.ndarray]:
-    """bool masks [Z, Y, X] per organ; an organ without a structure file or label is predicted empty."""
+def read_prediction(path: Path, case, organs: Sequence[str], catalogue=None) -> dict[str, np.ndarray]:
+    """bool masks [Z, Y, X] per organ; an organ without a structure file or label is predicted empty.
+
+    ``catalogue`` gives label values and names (``organs.read_organs_file``); default the built-in one.
+    """
     from hnseg_keras.data.cases import IMAGE_SUFFIXES
 
     if not path.is_dir():
         labels = _read_on_grid(path, case)
-        return {name: labels == organ_catalogue.label_value(name) for name in organs}
+        return {name: labels == organ_catalogue.label_value(name, catalogue) for name in organs}
     masks = {}
     for file in sorted((path / "structures").iterdir()):
-        name = organ_catalogue.canonical_name(file.name.split(".")[0])
+        name = organ_catalogue.canonical_name(file.name.split(".")[0], catalogue)
         if name in organs and file.name.lower().endswith(IMAGE_SUFFIXES):
             if name in masks:
                 raise HnsegError(f"{file}: a second prediction file for {name}; keep only one")
@@ -251,7 +255,8 @@ def read_prediction(path: Path, case, organs: Sequence[str]) -> dict[str, np.nda
 # ---------------------------------------------------------------- cases and datasets ----
 
 
-def evaluate_case(pred: dict[str, np.ndarray], gt, organs: Sequence[str], protocol: str = "3d") -> dict:
+def evaluate_case(pred: dict[str, np.ndarray], gt, organs: Sequence[str], protocol: str = "3d",
+                  catalogue=None) -> dict:
     """Metrics per organ annotated in ``gt`` (a cases.Case); ``pred`` maps organ -> bool [Z, Y, X].
 
     A missing organ in ``pred`` counts as an empty prediction. With protocol "seed2d" each entry
@@ -267,7 +272,7 @@ def evaluate_case(pred: dict[str, np.ndarray], gt, organs: Sequence[str], protoc
         if mask.shape != truth.shape:
             raise HnsegError(f"case {gt.case_id}, {organ}: prediction shape {mask.shape} differs from the "
                              f"ground truth's {truth.shape}; predict on the CT's own grid")
-        entry = case_metrics(mask, truth, gt.spacing, organ_catalogue.CATALOGUE[organ].tolerance_mm)
+        entry = case_metrics(mask, truth, gt.spacing, (catalogue or organ_catalogue.CATALOGUE)[organ].tolerance_mm)
         if protocol == "seed2d":
             total, count = slice_dice_sum(mask, truth)
             entry.update(dice2d=total / count if count else math.nan, dice2d_sum=total, dice2d_slices=count)
@@ -277,35 +282,35 @@ def evaluate_case(pred: dict[str, np.ndarray], gt, organs: Sequence[str], protoc
 
 def _evaluate_one(task: tuple) -> tuple[str, dict, float]:
     """Worker: read one ground-truth case and its prediction, return (case id, metrics, seconds)."""
-    from hnseg_keras.data.cases import read_case
-
-    case_id, gt_path, pred_path, organs, protocol = task
+    case_id, gt_ref, pred_path, organs, protocol, reading = task
     start = time.perf_counter()
-    gt = read_case(gt_path, organs)
-    pred = read_prediction(pred_path, gt, [o for o in organs if o in gt.masks])
-    return case_id, evaluate_case(pred, gt, organs, protocol), time.perf_counter() - start
+    gt = layouts.read_ref(gt_ref, organs, reading)
+    pred = read_prediction(pred_path, gt, [o for o in organs if o in gt.masks], reading.catalogue)
+    return case_id, evaluate_case(pred, gt, organs, protocol, reading.catalogue), time.perf_counter() - start
 
 
 def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: str = "3d",
-             workers: int = 1, allow_missing: bool = False) -> dict:
-    """Evaluate every ground-truth case under ``gt_root`` against ``pred_dir``; the results.json dict."""
-    from hnseg_keras.data.cases import find_cases
-
-    pred_dir, organs = Path(pred_dir), organ_catalogue.resolve_organs(organs)
+             workers: int = 1, allow_missing: bool = False, reading=None) -> dict:
+    """Evaluate every ground-truth case under ``gt_root`` (any layout, ``layouts.Reading``) against
+    ``pred_dir``; the results.json dict."""
+    reading = reading or layouts.Reading()
+    catalogue = reading.catalogue
+    pred_dir, organs = Path(pred_dir), organ_catalogue.resolve_organs(organs, catalogue)
     if protocol not in ("3d", "seed2d"):
         raise HnsegError(f"protocol {protocol!r} is unknown; use 3d or seed2d")
     if not pred_dir.is_dir():
         raise HnsegError(f"{pred_dir}: prediction folder not found; give the folder written by hnseg predict")
-    refs = find_cases(gt_root)
+    refs = [ref for ref in layouts.find_refs(gt_root, reading) if ref.layout != "image"
+            and not (ref.layout == "nnunet" and ref.label is None)]
     if not refs:
-        raise HnsegError(f"{gt_root}: no PDDCA case folders found (directly or under train/validation/test)")
+        raise HnsegError(f"{gt_root}: no ground-truth cases with contours found")
     tasks, missing = [], []
     for ref in refs:
         pred_path = find_prediction(pred_dir, ref.case_id)
         if pred_path is None:
             missing.append(ref.case_id)
         else:
-            tasks.append((ref.case_id, ref.path, pred_path, organs, protocol))
+            tasks.append((ref.case_id, ref, pred_path, organs, protocol, reading))
     if missing and not allow_missing:
         raise HnsegError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing)}; "
                          "predict them or pass --allow-missing")
@@ -315,8 +320,8 @@ def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: s
     return {
         "schema_version": 1, "pred_dir": str(pred_dir), "gt_root": str(gt_root), "protocol": protocol,
         "organs": list(organs), "missing_predictions": missing, "definitions": DEFINITIONS,
-        "tolerances_mm": {o: organ_catalogue.CATALOGUE[o].tolerance_mm for o in organs},
-        "summary": summarize(per_case, organs, protocol), "cases": per_case,
+        "tolerances_mm": {o: catalogue[o].tolerance_mm for o in organs},
+        "summary": summarize(per_case, organs, protocol, catalogue), "cases": per_case,
     }
 
 
@@ -344,12 +349,12 @@ def _stats(values: list[float]) -> dict:
     return {"mean": float(finite.mean()), "std": std, "median": float(np.median(finite)), "n": int(finite.size)}
 
 
-def summarize(per_case: dict[str, dict], organs: Sequence[str], protocol: str) -> dict:
+def summarize(per_case: dict[str, dict], organs: Sequence[str], protocol: str, catalogue=None) -> dict:
     """Per-organ rows (n, flags, stats per metric) and a ``mean`` row of the organ means (Table 2 layout)."""
     rows: dict[str, dict] = {}
     for organ in organs:
         entries = [metrics[organ] for metrics in per_case.values() if organ in metrics]
-        row = {"n": len(entries), "tolerance_mm": organ_catalogue.CATALOGUE[organ].tolerance_mm,
+        row = {"n": len(entries), "tolerance_mm": (catalogue or organ_catalogue.CATALOGUE)[organ].tolerance_mm,
                "no_surface": sum(e["flag"] in ("pred_empty", "gt_empty") for e in entries),
                "both_empty": sum(e["flag"] == "both_empty" for e in entries)}
         row.update({m: _stats([e[m] for e in entries]) for m in METRICS})
@@ -450,7 +455,8 @@ def write_results(results: dict, out_dir, force: bool = False) -> list[Path]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--pred", required=True, help="prediction folder: <case>/structures/*.nrrd or <case>.nrrd")
-    parser.add_argument("--gt", required=True, help="ground-truth dataset root (PDDCA case folders, splits allowed)")
+    parser.add_argument("--gt", required=True, help="ground truth: PDDCA case folders (splits allowed), a DICOM tree "
+                        "with RTSTRUCTs or an nnU-Net raw dataset")
     parser.add_argument("--organs", nargs="+", default=None, help="organs to evaluate (default: the nine PDDCA)")
     parser.add_argument("--protocol", choices=("3d", "seed2d"), default="3d",
                         help="seed2d adds the seed paper's per-slice 2D Dice beside the 3D metrics")
@@ -458,6 +464,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite existing results")
     parser.add_argument("--allow-missing", action="store_true", help="skip ground-truth cases without prediction")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (cases)")
+    layouts.add_arguments(parser)
 
 
 def run(args) -> int:
@@ -467,7 +474,8 @@ def run(args) -> int:
         raise HnsegError(f"{out_dir / existing[0]}: results already exist; pass --force or choose another --out")
     if not Path(args.gt).is_dir():
         raise HnsegError(f"{args.gt}: ground-truth folder not found; give the dataset root with the case folders")
-    results = evaluate(args.pred, args.gt, args.organs, args.protocol, max(1, args.workers), args.allow_missing)
+    results = evaluate(args.pred, args.gt, args.organs, args.protocol, max(1, args.workers), args.allow_missing,
+                       layouts.reading_from_args(args))
     write_results(results, out_dir, force=args.force)
     print(format_markdown(results), end="")
     print(f"evaluate: wrote {', '.join(RESULT_FILES)} to {out_dir}", file=sys.stderr)

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,15 +31,14 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_keras import configs
+from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import (
-    IMAGE_SUFFIXES,
     Case,
-    find_cases,
-    read_case,
+    CaseRef,
     write_label_map,
     write_pddca_case,
 )
-from hnseg_keras.data.organs import flip_permutation, label_value, resolve_organs
+from hnseg_keras.data.organs import catalogue_from, colour_of, flip_permutation, label_value, resolve_organs
 from hnseg_keras.data.slicing import (
     AIR_HU,
     SlicingConfig,
@@ -65,6 +64,7 @@ class Predictor:
         channels: input channels (2k+1).
         source: where the model came from (for messages).
         run_batch: int16 HU [N, size, size, C] -> float32 probabilities [N, size, size, O].
+        catalogue: organ definitions the model was trained with (label values, colours); None = built-in.
     """
 
     organs: tuple[str, ...]
@@ -72,6 +72,7 @@ class Predictor:
     channels: int
     source: str
     run_batch: Callable[[np.ndarray], np.ndarray]
+    catalogue: Mapping | None = None
 
     def predict_slices(self, slices: np.ndarray, batch_size: int) -> np.ndarray:
         """Probabilities for int16 [N, H, W, C] slices; the last batch is padded so one shape is traced."""
@@ -135,7 +136,7 @@ def load_predictor(model_path: str | os.PathLike) -> Predictor:
 
 
 def _metadata_parts(metadata: dict) -> tuple[tuple[str, ...], SlicingConfig, int]:
-    organs = resolve_organs(metadata["organs"])
+    organs = resolve_organs(metadata["organs"], catalogue_from(metadata.get("organ_definitions")))
     slicing = configs.from_dict(SlicingConfig, metadata["slicing"])
     return organs, slicing, int(metadata["input"]["channels"])
 
@@ -148,7 +149,8 @@ def _keras_predictor(path: Path, metadata: dict) -> Predictor:
     if model.input_shape[-1] != channels or model.output_shape[-1] != len(organs):
         raise HnsegError(f"{path}: model shape ({model.input_shape[-1]} in, {model.output_shape[-1]} out) does "
                          f"not match its metadata ({channels} channels, {len(organs)} organs)")
-    return Predictor.from_keras_model(model, organs, slicing, str(path), size_multiple_of(model))
+    predictor = Predictor.from_keras_model(model, organs, slicing, str(path), size_multiple_of(model))
+    return dataclasses.replace(predictor, catalogue=catalogue_from(metadata.get("organ_definitions")))
 
 
 def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
@@ -165,7 +167,7 @@ def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
     def run_batch(batch, _keep_alive=loaded):
         return signature(ct=tf.constant(batch))["probabilities"].numpy()
 
-    return Predictor(organs, slicing, channels, str(folder), run_batch)
+    return Predictor(organs, slicing, channels, str(folder), run_batch, catalogue_from(metadata.get("organ_definitions")))
 
 
 # ----------------------------------------------------------------------------- one case
@@ -187,6 +189,7 @@ class Segmentation:
     winner: np.ndarray
     seconds: float
     slices: int
+    catalogue: Mapping | None = None
 
     def mask_dict(self) -> dict[str, np.ndarray]:
         """{organ: uint8 {0,1} [Z, Y, X]} (zero-copy views of ``masks``)."""
@@ -196,9 +199,9 @@ class Segmentation:
         """uint8 [Z, Y, X] catalogue label values; overlaps go to the most probable organ (module doc)."""
         labels = np.zeros(self.winner.shape, dtype=np.uint8)
         for o in reversed(range(len(self.organs))):
-            labels[self.masks[o]] = label_value(self.organs[o])
+            labels[self.masks[o]] = label_value(self.organs[o], self.catalogue)
         for o, name in enumerate(self.organs):
-            labels[(self.winner == o) & self.masks[o]] = label_value(name)
+            labels[(self.winner == o) & self.masks[o]] = label_value(name, self.catalogue)
         return labels
 
 
@@ -220,7 +223,7 @@ def segment_case(case: Case, predictor: Predictor, batch_size: int = 8, tta_flip
     depth, height, width = ct.shape
     masks = np.zeros((len(predictor.organs), depth, height, width), dtype=bool)
     winner = np.zeros((depth, height, width), dtype=np.uint8)
-    permutation = flip_permutation(predictor.organs)
+    permutation = flip_permutation(predictor.organs, predictor.catalogue)
     for start in range(0, depth, batch_size):
         stop = min(start + batch_size, depth)
         slices = extract_slices(ct, transform, predictor.slicing.neighbours, np.arange(start, stop))
@@ -236,7 +239,8 @@ def segment_case(case: Case, predictor: Predictor, batch_size: int = 8, tta_flip
     if largest_component:
         for organ_mask in masks:
             keep_largest_component(organ_mask)
-    return Segmentation(case.case_id, predictor.organs, masks, winner, time.perf_counter() - started, depth)
+    return Segmentation(case.case_id, predictor.organs, masks, winner, time.perf_counter() - started, depth,
+                        predictor.catalogue)
 
 
 def _to_grid(probs: np.ndarray, transform, masks: np.ndarray, winner: np.ndarray, z0: int) -> None:
@@ -285,34 +289,37 @@ def predict_case(ct_case: Case, predictor: Predictor, batch_size: int = 8, tta_f
 
 @dataclass(frozen=True)
 class CaseInput:
-    """One case to predict: id, path and kind ("image", "pddca" or "dicom")."""
+    """One case to predict: id, path, kind ("image", "pddca", "nnunet" or "dicom"), how to read it and, for
+    DICOM, the folder of its CT series (the RTSTRUCT's reference)."""
 
     case_id: str
     path: Path
     kind: str
+    ref: CaseRef | None = None
+    series_dir: Path | None = None
 
 
-def find_inputs(path: str | os.PathLike, split: str | None = None) -> list[CaseInput]:
-    """Cases of INPUT: a CT file, a PDDCA case folder, a dataset root (``find_cases``) or a DICOM folder."""
+def find_inputs(path: str | os.PathLike, split: str | None = None,
+                reading: layouts.Reading | None = None) -> list[CaseInput]:
+    """Cases of INPUT in any layout (``layouts.find_refs``); DICOM series are checked here, before any output."""
+    from hnseg_keras.data import dicom
+
     path = Path(path)
-    if not path.exists():
-        raise HnsegError(f"{path}: no such file or folder; give a CT file, a DICOM folder, a case folder or a dataset")
-    if path.is_file():
-        if split:
-            raise HnsegError(f"{path}: --split needs a dataset folder with train/validation/test, not a file")
-        name = path.name
-        suffix = next((s for s in sorted(IMAGE_SUFFIXES, key=len, reverse=True) if name.lower().endswith(s)), "")
-        return [CaseInput(name[: len(name) - len(suffix)] if suffix else path.stem, path, "image")]
-    refs = find_cases(path)
-    if not refs:
-        if split:
-            raise HnsegError(f"{path}: holds no case folders, so --split {split} selects nothing")
-        return [CaseInput(path.name, path, "dicom")]
+    if path.is_file() and split:
+        raise HnsegError(f"{path}: --split needs a dataset folder with train/validation/test, not a file")
+    refs = layouts.find_refs(path, reading or layouts.Reading())
     if split:
         refs = [ref for ref in refs if ref.split == split]
         if not refs:
             raise HnsegError(f"{path}: no cases in split {split!r}; check the folder names (train/validation/test)")
-    return [CaseInput(ref.case_id, ref.path, "pddca") for ref in refs]
+    items = []
+    for ref in refs:
+        series_dir = None
+        if ref.layout == "dicom":
+            files = dicom.open_patient(ref.path, ref.series, ref.case_id).geometry.files
+            series_dir = Path(os.path.commonpath([str(f.parent) for f in files]))
+        items.append(CaseInput(ref.case_id, ref.path, ref.layout, ref, series_dir))
+    return items
 
 
 def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool) -> dict[str, Path]:
@@ -380,7 +387,8 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, 
     for o, name in enumerate(seg.organs):
         if seg.masks[o].any():
             volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
-            rtstruct.add_roi(mask=volume, name=name, description="hnseg-keras prediction")
+            rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name, seg.catalogue)),
+                             description="hnseg-keras prediction")
     rtstruct.set_series_description("hnseg-keras prediction")
     tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
     try:
@@ -434,12 +442,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("train", "validation", "test"),
                         help="with a dataset folder: predict only this split")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    layouts.add_arguments(parser, organ_options=False)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise HnsegError(f"--batch-size {args.batch_size}: must be >= 1")
-    items = find_inputs(args.input, args.split)
+    items = find_inputs(args.input, args.split, layouts.reading_from_args(args))
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HnsegError(f"{out_dir}: is a file; give a folder for --out")
@@ -449,11 +458,11 @@ def run(args: argparse.Namespace) -> int:
     total_seconds, total_slices = 0.0, 0
     for number, item in enumerate(items, 1):
         started = time.perf_counter()
-        case = read_case(item.path, organs=())
+        case = layouts.read_ref(item.ref, ())
         seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
                            progress=_progress_bar(f"[{number}/{len(items)}] {item.case_id}"))
         paths = output_paths(out_dir, item, args.format, args.pddca_masks)
-        written = write_segmentation(seg, case, paths, args.force, item.path if item.kind == "dicom" else None)
+        written = write_segmentation(seg, case, paths, args.force, item.series_dir)
         seconds = time.perf_counter() - started
         total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
         print(f"[{number}/{len(items)}] {case.case_id}: {seg.slices} slices, {seconds:.1f} s "

@@ -53,13 +53,16 @@ def write_rtstruct(case: Case, ct_folder: Path, path: Path, names: dict[str, str
     """An RTSTRUCT (rt-utils) of the case's masks under clinic ``names`` (plus junk ROIs) for its CT series."""
     from rt_utils import RTStructBuilder
 
+    from hnseg_keras.inference.prediction import series_z_indices
+
     rtstruct = RTStructBuilder.create_new(str(ct_folder))
+    order = series_z_indices(rtstruct.series_data, case)  # rt-utils sorts slices along the normal
     rois = {names[organ]: mask for organ, mask in case.masks.items() if organ in names}
     rois.update(_junk_masks(case) if junk else {})
     rois.update(extra or {})
     for name, mask in rois.items():
         if mask.any():
-            rtstruct.add_roi(mask=np.moveaxis(mask.astype(bool), 0, -1), name=name)
+            rtstruct.add_roi(mask=np.moveaxis(mask.astype(bool)[order], 0, -1), name=name)
     path.parent.mkdir(parents=True, exist_ok=True)
     rtstruct.ds.save_as(str(path), enforce_file_format=True)
     return path

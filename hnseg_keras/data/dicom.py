@@ -13,6 +13,7 @@ the slice at their z position first.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ HEADER_TAGS = ("Modality", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID",
 ORIENTATION_ATOL = 1e-4
 POSITION_ATOL_MM = 0.05  # duplicate slices, in-plane drift of the slice origins
 SPACING_RTOL = 0.01  # spacing between neighbours may vary by 1 % of the median (or 0.01 mm)
+SERIES_FOLDER = re.compile(r"^([\d.]+|ct|rt|rs|rtss|rtstruct|dicom|images?|(series|study|scan)[\w.-]*|s\d+)$",
+                           re.IGNORECASE)  # names of folders inside one patient
 GAP_FACTOR = 1.5  # a step this many times the median spacing is a missing slice
 
 
@@ -104,26 +107,21 @@ def _header(path: Path) -> pydicom.Dataset | None:
 def find_patients(root: Path) -> list[Path]:
     """Patient folders of a DICOM tree: ``root`` itself when it is one patient, else its subfolders with DICOM.
 
-    ``root`` is one patient when it holds DICOM files directly, or when its subfolders split one
-    patient's files (e.g. ``CT/`` + ``RTSTRUCT/``: some subfolder holds no image series).
+    ``root`` is one patient when it holds DICOM files directly, when its DICOM subfolders all carry
+    one PatientID (``CT/`` + ``RTSTRUCT/``, or study/series folders), or when its only DICOM subfolder
+    has a study/series-like name (a UID, ``CT``, ``RTSTRUCT``, ...).
     """
-    subfolders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     if any(p.is_file() and is_dicom_file(p) for p in root.iterdir()):
         return [root]
-    holders = [p for p in subfolders if dicom_files(p, first_only=True)]
+    subfolders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    holders = [(p, dicom_files(p, first_only=True)) for p in subfolders]
+    holders = [(p, files[0]) for p, files in holders if files]
     if not holders:
         return []
-    if len(holders) > 1 and not all(_holds_images(p) for p in holders):
-        return [root]
-    return holders
-
-
-def _holds_images(folder: Path) -> bool:
-    for path in dicom_files(folder):
-        header = _header(path)
-        if header is not None and "ImagePositionPatient" in header:
-            return True
-    return False
+    if len(holders) == 1:
+        return [root] if SERIES_FOLDER.match(holders[0][0].name) else [holders[0][0]]
+    patient_ids = {str(getattr(_header(first), "PatientID", "")) for _, first in holders}
+    return [root] if len(patient_ids) == 1 else [p for p, _ in holders]
 
 
 def scan_patient(folder: Path) -> tuple[list[Series], list[Path]]:

@@ -151,8 +151,10 @@ def test_dicom_tree_prepare_train_export_predict_evaluate(tmp_path):
 
     hnseg("prepare", tmp_path / "tree", "--out", tmp_path / "shards", "--size", "64", "--spacing", "4",
           "--workers", "1", "--split-fractions", "0.5,0.5,0")
+    tiny = ["model.filters=[4,8,16,32]", "augment.crop_size=32", "augment.warp_probability=0.0",
+            "pipeline.shuffle_buffer=64", "pipeline.parallel_reads=2"]
     hnseg("train", "--data", tmp_path / "shards" / "manifest.json", "--epochs", "1", "--steps-per-epoch", "2",
-          "--batch-size", "4", "--out", tmp_path / "run")
+          "--batch-size", "4", "--out", tmp_path / "run", *[arg for item in tiny for arg in ("--set", item)])
     hnseg("export", tmp_path / "run", "--out", tmp_path / "export")
     hnseg("predict", tmp_path / "tree", "--model", tmp_path / "export", "--out", tmp_path / "pred")
     for name in planted:

@@ -301,7 +301,8 @@ def read_masks(patient: DicomPatient, ds: pydicom.Dataset, matched: Mapping[str,
     contours = _contours_by_name(ds)
     masks = {}
     for organ, name in matched.items():
-        items = contours.get(name, [])
+        items = [item for item in contours.get(name, []) if "ContourData" in item
+                 and item.get("ContourGeometricType", "CLOSED_PLANAR") == "CLOSED_PLANAR"]  # open lines enclose nothing
         _link_contours(items, series_data, patient)
         volume = image_helper.create_series_mask_from_contour_sequence(series_data, items)  # [rows, cols, z]
         masks[organ] = np.ascontiguousarray(np.moveaxis(volume, -1, 0)).astype(np.uint8)

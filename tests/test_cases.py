@@ -301,3 +301,41 @@ def test_find_cases_duplicate_ids_and_bad_root(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(HnsegError, match="not a folder"):
         find_cases(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------- organ names and user organs
+
+
+@pytest.mark.parametrize("name, organ", [
+    ("Brainstem", "BrainStem"), ("Brain Stem", "BrainStem"), ("BRAIN-STEM", "BrainStem"), ("OpticChiasm", "Chiasm"),
+    ("Bone_Mandible", "Mandible"), ("OpticNrv_L", "OpticNerve_L"), ("Optic Nerve Rt", "OpticNerve_R"),
+    ("PAROTID LT", "Parotid_L"), ("Rt Parotid", "Parotid_R"), ("Parotid_Right", "Parotid_R"),
+    ("L Parotid", "Parotid_L"), ("ParotidLt", "Parotid_L"), ("Glnd_Submand_L", "Submandibular_L"),
+    ("Submandibular Right", "Submandibular_R"), ("Cord", "SpinalCord"), ("SpinalCord", "SpinalCord"),
+    ("larynx", "Larynx"), ("Esophagus", "Esophagus"),
+    ("External", None), ("PTV_70", None), ("z_opt", None), ("Ring_PTV70", None), ("Parotid_L_PRV", None),
+    ("Parotids", None), ("Heart", None), ("Lt", None), ("Parotid", None),
+])
+def test_structure_names_match_organs_or_nothing(name, organ):
+    from hnseg_keras.data.organs import match_organ
+
+    assert match_organ(name) == organ
+
+
+def test_organs_file_adds_organs_and_checks_them(tmp_path):
+    from hnseg_keras.data.organs import catalogue_from, definitions, match_organ, read_organs_file
+
+    path = tmp_path / "organs.json"
+    path.write_text(json.dumps({"organs": [{"name": "Lens_L", "partner": "Lens_R"}, {"name": "Lens_R",
+                                                                                   "partner": "Lens_L"}]}))
+    catalogue = read_organs_file(path)
+    assert (catalogue["Lens_L"].label, catalogue["Lens_R"].label) == (13, 14)  # next free label values
+    assert match_organ("LENS LT", catalogue) == "Lens_L" and match_organ("LENS LT") is None
+    assert catalogue_from(definitions(["BrainStem", "Lens_L", "Lens_R"], catalogue))["Lens_R"] == catalogue["Lens_R"]
+    for entries, message in [([{"name": "Lens_L", "partner": "Lens_X"}], "partner 'Lens_X' is not defined"),
+                             ([{"name": "Lens_L", "label": 1}], "share label 1"),
+                             ([{"name": "Lens_L", "colour": [1, 2]}], "three integers"),
+                             ([{"name": "Lens_L", "size": 3}], "unknown key")]:
+        path.write_text(json.dumps({"organs": entries}))
+        with pytest.raises(HnsegError, match=message):
+            read_organs_file(path)

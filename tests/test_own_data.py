@@ -122,7 +122,7 @@ def test_user_organs_through_prepare_prediction_outputs_and_evaluate(tmp_path, c
     write_label_map(labels, case, tmp_path / "pred" / "ear01.nrrd")
     item = prediction.find_inputs(tmp_path / "tree")[0]
     (tmp_path / "pred-rt").mkdir()
-    rtstruct = prediction.write_rtstruct(seg, case, item.series_dir, tmp_path / "pred-rt" / "ear01_rtstruct.dcm")
+    rtstruct = prediction.write_rtstruct(seg, case, item.series_files, tmp_path / "pred-rt" / "ear01_rtstruct.dcm")
     rois = {str(r.ROIName): r for r in pydicom.dcmread(rtstruct).StructureSetROISequence}
     colours = {str(r.ReferencedROINumber): [int(v) for v in r.ROIDisplayColor]
                for r in pydicom.dcmread(rtstruct).ROIContourSequence}

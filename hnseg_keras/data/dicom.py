@@ -323,3 +323,13 @@ def _link_contours(items: list, series_data: list, patient: DicomPatient) -> Non
         reference = pydicom.Dataset()
         reference.ReferencedSOPInstanceUID = series_data[k].SOPInstanceUID
         item.ContourImageSequence = pydicom.Sequence([reference])
+
+
+def new_rtstruct(series):
+    """An empty rt-utils RTStruct for a CT series: a folder holding only that series, or its files."""
+    from rt_utils import RTStruct, RTStructBuilder, ds_helper, image_helper
+
+    if isinstance(series, str | os.PathLike):
+        return RTStructBuilder.create_new(str(series))
+    series_data = sorted((pydicom.dcmread(path) for path in series), key=image_helper.get_slice_position)
+    return RTStruct(series_data, ds_helper.create_rtstruct_dataset(series_data))

@@ -296,7 +296,7 @@ class CaseInput:
     path: Path
     kind: str
     ref: CaseRef | None = None
-    series_dir: Path | None = None
+    series_files: tuple[Path, ...] | None = None
 
 
 def find_inputs(path: str | os.PathLike, split: str | None = None,
@@ -314,11 +314,8 @@ def find_inputs(path: str | os.PathLike, split: str | None = None,
             raise HnsegError(f"{path}: no cases in split {split!r}; check the folder names (train/validation/test)")
     items = []
     for ref in refs:
-        series_dir = None
-        if ref.layout == "dicom":
-            files = dicom.open_patient(ref.path, ref.series, ref.case_id).geometry.files
-            series_dir = Path(os.path.commonpath([str(f.parent) for f in files]))
-        items.append(CaseInput(ref.case_id, ref.path, ref.layout, ref, series_dir))
+        files = dicom.open_patient(ref.path, ref.series, ref.case_id).geometry.files if ref.layout == "dicom" else None
+        items.append(CaseInput(ref.case_id, ref.path, ref.layout, ref, files))
     return items
 
 
@@ -369,20 +366,21 @@ def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = 
                             with_image=False)
 
 
-def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, force: bool = False) -> Path:
-    """DICOM RTSTRUCT (rt-utils) of the non-empty organs, referencing the CT series in ``series_dir``.
+def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force: bool = False) -> Path:
+    """DICOM RTSTRUCT (rt-utils) of the non-empty organs, referencing the CT series in ``series_dir``
+    (a folder holding one series, or the series' files: ``CaseInput.series_files``).
 
     rt-utils wants masks [rows, cols, slices] with slices in its own order (sorted along the slice
     normal); each of its slices is matched to a z index of ``case`` by ImagePositionPatient.
     """
-    from rt_utils import RTStructBuilder
+    from hnseg_keras.data.dicom import new_rtstruct
 
     if path.exists() and not force:
         raise HnsegError(f"{path}: already exists; choose another --out or pass --force")
     try:
-        rtstruct = RTStructBuilder.create_new(str(series_dir))
+        rtstruct = new_rtstruct(series_dir)
     except Exception as error:  # noqa: BLE001  (rt-utils raises bare Exception)
-        raise HnsegError(f"{series_dir}: rt-utils cannot read the DICOM series ({error})") from None
+        raise HnsegError(f"{case.case_id}: rt-utils cannot read the DICOM series ({error})") from None
     order = series_z_indices(rtstruct.series_data, case)
     for o, name in enumerate(seg.organs):
         if seg.masks[o].any():
@@ -462,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
         seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
                            progress=_progress_bar(f"[{number}/{len(items)}] {item.case_id}"))
         paths = output_paths(out_dir, item, args.format, args.pddca_masks)
-        written = write_segmentation(seg, case, paths, args.force, item.series_dir)
+        written = write_segmentation(seg, case, paths, args.force, item.series_files)
         seconds = time.perf_counter() - started
         total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
         print(f"[{number}/{len(items)}] {case.case_id}: {seg.slices} slices, {seconds:.1f} s "

@@ -131,7 +131,7 @@ def test_geometry_and_modality_refusals_write_nothing(tmp_path, capsys, how, wor
 
 def test_several_series_need_a_choice_and_series_chooses(tmp_path, capsys):
     folder = tmp_path / "root" / "p1"
-    write_patient(small_case(1), folder / "a", "flat", rtstruct=False)
+    write_patient(small_case(1), folder, "flat", rtstruct=False)
     write_dicom_series(dataclasses.replace(small_case(2), case_id=small_case(1).case_id), folder / "b")  # same patient
     uids = sorted(s.uid for s in dicom.scan_patient(folder)[0])
     line = _cli_refuses(capsys, ["prepare", str(folder), "--out", str(tmp_path / "o")], "2 image series", "--series")
@@ -222,3 +222,10 @@ def test_predicted_rtstruct_references_the_chosen_series_and_reads_back(tmp_path
     back = _read(tmp_path / "root", organs=organs)["p1"]
     for organ in organs:
         assert np.array_equal(back.masks[organ], truth.masks[organ]), organ
+
+
+def test_patient_folders_found_in_a_tree_even_with_one_anonymised_patient_id(tmp_path):
+    for index in (1, 2):
+        write_patient(dataclasses.replace(small_case(index), case_id="ANON"), tmp_path / "tree" / f"P{index}", "split")
+    assert [ref.case_id for ref in layouts.find_refs(tmp_path / "tree")] == ["P1", "P2"]  # one ID, two studies
+    assert [ref.case_id for ref in layouts.find_refs(tmp_path / "tree" / "P1")] == ["P1"]  # CT/ + RTSTRUCT/

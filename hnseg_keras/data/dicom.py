@@ -28,6 +28,7 @@ from hnseg_keras.errors import HnsegError
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 HEADER_TAGS = ("Modality", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesDescription", "PatientID",
+               "StudyInstanceUID",
                "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 ORIENTATION_ATOL = 1e-4
 POSITION_ATOL_MM = 0.05  # duplicate slices, in-plane drift of the slice origins
@@ -107,21 +108,26 @@ def _header(path: Path) -> pydicom.Dataset | None:
 def find_patients(root: Path) -> list[Path]:
     """Patient folders of a DICOM tree: ``root`` itself when it is one patient, else its subfolders with DICOM.
 
-    ``root`` is one patient when it holds DICOM files directly, when its DICOM subfolders all carry
-    one PatientID (``CT/`` + ``RTSTRUCT/``, or study/series folders), or when its only DICOM subfolder
-    has a study/series-like name (a UID, ``CT``, ``RTSTRUCT``, ...).
+    ``root`` is one patient when it holds DICOM files directly, when its only DICOM subfolder has a
+    study/series-like name (a UID, ``CT``, ``RTSTRUCT``, ...), or when its DICOM subfolders carry one
+    PatientID and either one study or a subfolder with no images (``CT/`` + ``RTSTRUCT/``). Patients
+    anonymised to one PatientID still differ by study.
     """
     if any(p.is_file() and is_dicom_file(p) for p in root.iterdir()):
         return [root]
     subfolders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")]
     holders = [(p, dicom_files(p, first_only=True)) for p in subfolders]
-    holders = [(p, files[0]) for p, files in holders if files]
+    holders = [(p, _header(files[0])) for p, files in holders if files]
     if not holders:
         return []
     if len(holders) == 1:
         return [root] if SERIES_FOLDER.match(holders[0][0].name) else [holders[0][0]]
-    patient_ids = {str(getattr(_header(first), "PatientID", "")) for _, first in holders}
-    return [root] if len(patient_ids) == 1 else [p for p, _ in holders]
+    patient_ids = {str(header.get("PatientID", "")) for _, header in holders if header is not None}
+    studies = {str(header.get("StudyInstanceUID", "")) for _, header in holders if header is not None}
+    imageless = any(header is not None and "ImagePositionPatient" not in header for _, header in holders)
+    if len(patient_ids) == 1 and (len(studies) == 1 or imageless):
+        return [root]
+    return [p for p, _ in holders]
 
 
 def scan_patient(folder: Path) -> tuple[list[Series], list[Path]]:

@@ -199,7 +199,7 @@ def read_ref(ref: CaseRef, organs: Sequence[str], reading: Reading = Reading()) 
 
 
 def _read_nnunet(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
-    if ref.label is None:
+    if ref.label is None or not organs:
         return cases.read_case(ref.path, ())
     dataset = nnunet.read_dataset(ref.path.parent.parent)
     matched, _ = nnunet.match_labels(dataset, reading.catalogue, reading.organ_map)

@@ -290,7 +290,7 @@ def predict_case(ct_case: Case, predictor: Predictor, batch_size: int = 8, tta_f
 @dataclass(frozen=True)
 class CaseInput:
     """One case to predict: id, path, kind ("image", "pddca", "nnunet" or "dicom"), how to read it and, for
-    DICOM, the folder of its CT series (the RTSTRUCT's reference)."""
+    DICOM, the checked files of its CT series (what the RTSTRUCT references)."""
 
     case_id: str
     path: Path

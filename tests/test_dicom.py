@@ -229,3 +229,16 @@ def test_patient_folders_found_in_a_tree_even_with_one_anonymised_patient_id(tmp
         write_patient(dataclasses.replace(small_case(index), case_id="ANON"), tmp_path / "tree" / f"P{index}", "split")
     assert [ref.case_id for ref in layouts.find_refs(tmp_path / "tree")] == ["P1", "P2"]  # one ID, two studies
     assert [ref.case_id for ref in layouts.find_refs(tmp_path / "tree" / "P1")] == ["P1"]  # CT/ + RTSTRUCT/
+
+
+def test_a_localizer_inside_the_series_is_left_out(tmp_path):
+    truth = small_case(1)
+    folder = tmp_path / "p1"
+    write_patient(truth, folder, "flat", rtstruct=False)
+    scout = pydicom.dcmread(sorted(folder.glob("CT*.dcm"))[0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal topogram
+    scout.SOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(folder / "scout.dcm")
+    case = _read(folder, organs=())["p1"]
+    assert np.array_equal(case.ct, truth.ct)

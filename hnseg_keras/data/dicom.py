@@ -28,7 +28,7 @@ from hnseg_keras.errors import HnsegError
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 HEADER_TAGS = ("Modality", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesDescription", "PatientID",
-               "StudyInstanceUID",
+               "StudyInstanceUID", "ImageType",
                "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
 ORIENTATION_ATOL = 1e-4
 POSITION_ATOL_MM = 0.05  # duplicate slices, in-plane drift of the slice origins
@@ -140,11 +140,16 @@ def scan_patient(folder: Path) -> tuple[list[Series], list[Path]]:
             continue
         if str(header.get("SOPClassUID", "")) == RTSTRUCT_CLASS or header.get("Modality") == "RTSTRUCT":
             rtstructs.append(path)
-        elif "ImagePositionPatient" in header and "SeriesInstanceUID" in header:
+        elif "ImagePositionPatient" in header and "SeriesInstanceUID" in header and not _is_localizer(header):
             by_uid.setdefault(str(header.SeriesInstanceUID), []).append((path, header))
     series = [Series(uid, str(items[0][1].get("Modality", "?")), str(items[0][1].get("SeriesDescription", "")),
                      tuple(path for path, _ in items)) for uid, items in sorted(by_uid.items())]
     return series, rtstructs
+
+
+def _is_localizer(header: pydicom.Dataset) -> bool:
+    """Scout / topogram images, which some scanners store inside the axial series."""
+    return "LOCALIZER" in [str(v).upper() for v in header.get("ImageType", [])]
 
 
 def open_patient(folder: str | os.PathLike, series_uid: str | None = None, case_id: str | None = None) -> DicomPatient:

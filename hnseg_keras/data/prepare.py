@@ -42,6 +42,7 @@ from hnseg_keras.data.shards import (
 )
 from hnseg_keras.data.slicing import SlicingConfig, compute_transform, slice_case
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import LOCK_NAME, FolderLock, owned_by_live_process
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation",
                  "valid": "validation", "test": "test", "testing": "test"}
@@ -179,7 +180,7 @@ def _check_output(out: Path, source: str, identity: dict):
     if not out.is_dir():
         raise HnsegError(f"{out}: exists and is not a folder; choose a new --out")
     if not (out / "manifest.json").is_file():
-        if any(out.iterdir()):
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
             raise HnsegError(f"{out}: exists and is not a prepare output (no manifest.json); choose a new --out")
         return None
     manifest = Manifest.load(out / "manifest.json")
@@ -195,7 +196,7 @@ def _resume_state(out: Path, wanted: dict[str, str]) -> dict[str, CaseRecord]:
     """Finished, verified CaseRecords by case id; removes temp files, bad records and orphan shards."""
     for folder in (out, out / "cases", *(out / split for split in {*wanted.values()})):
         for temp in folder.glob(f".*{TEMP_SUFFIX}"):
-            if temp.is_file():
+            if temp.is_file() and not owned_by_live_process(temp):
                 temp.unlink()
     done = {}
     for path in sorted((out / "cases").glob("*.json")):
@@ -249,7 +250,12 @@ def _run_jobs(jobs: list[dict], workers: int):
         yield from pool.imap_unordered(convert_case, jobs)
 
 
-def _resolve_source(source) -> tuple[str, list | None, dict | None]:
+def _source_name(root: Path, out: Path) -> str:
+    """The input folder relative to ``out``: no absolute path of this machine goes into the manifest."""
+    return Path(os.path.relpath(root, Path(out).resolve())).as_posix()
+
+
+def _resolve_source(source, out: Path) -> tuple[str, list | None, dict | None]:
     """(source text for the manifest, CaseRefs or None for a phantom, phantom config dict)."""
     if isinstance(source, PhantomSource):
         if source.num_cases < 1:
@@ -257,7 +263,7 @@ def _resolve_source(source) -> tuple[str, list | None, dict | None]:
         config = configs.to_dict(source.config) if source.config is not None else None
         return f"phantom:{source.num_cases}", None, config
     root = Path(source).resolve()
-    return str(root), _find(root), None
+    return _source_name(root, out), _find(root), None
 
 
 def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLike,
@@ -268,7 +274,7 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
     before any case is finished, the folder is removed again.
     """
     out = Path(out_dir)
-    source_text, refs, phantom_config = _resolve_source(source)
+    source_text, refs, phantom_config = _resolve_source(source, out)
     if split_file is not None and not Path(split_file).is_file():
         raise HnsegError(f"{split_file}: split file not found")
     identity = _identity(source_text, config, split_file, phantom_config)
@@ -278,15 +284,16 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
                     image_shape=[slicing.size, slicing.size, 2 * slicing.neighbours + 1],
                     source=source_text, prepare=identity)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        if not (out / "manifest.json").exists():
-            base.save(out / "manifest.json")
-        if refs is None:
-            refs = _phantom_input(out, source)
-        return _convert_all(out, refs, config, assign_splits(refs, config, split_file), workers, base)
+        with FolderLock(out, "hnseg prepare"):  # one writer per --out
+            _check_output(out, source_text, identity)  # again, now that no one else writes there
+            if not (out / "manifest.json").exists():
+                base.save(out / "manifest.json")
+            if refs is None:
+                refs = _phantom_input(out, source)
+            return _convert_all(out, refs, config, assign_splits(refs, config, split_file), workers, base)
     except HnsegError:
-        if created and not list((out / "cases").glob("*.json")):
+        if created and out.is_dir() and not list((out / "cases").glob("*.json")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

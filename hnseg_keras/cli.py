@@ -42,16 +42,19 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     return parser, module
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and wrappers may replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"hnseg: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def setup_logging() -> None:
     """Warnings of the package (``logging.getLogger(__name__)`` in its modules) as one line on stderr each."""
     logger = logging.getLogger("hnseg_keras")
-    if not any(getattr(handler, "_hnseg", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("hnseg: %(levelname)s: %(message)s"))
-        handler._hnseg = True
-        logger.addHandler(handler)
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
     logger.setLevel(logging.WARNING)
-    logger.propagate = False
 
 
 def op_error_line(error: BaseException) -> str | None:

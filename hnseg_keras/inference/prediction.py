@@ -398,6 +398,7 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, 
             volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
             rtstruct.add_roi(mask=volume, name=name, description="hnseg-keras prediction")
     rtstruct.set_series_description("hnseg-keras prediction")
+    stamp_software(rtstruct.ds)
     tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
     try:
         rtstruct.ds.save_as(str(tmp))
@@ -405,6 +406,16 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, 
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def stamp_software(ds) -> None:
+    """Name hnseg-keras (and its version) as the software that made an RTSTRUCT, not the rt-utils defaults."""
+    from hnseg_keras import __version__
+
+    ds.Manufacturer = "hnseg-keras"
+    ds.ManufacturerModelName = "hnseg-keras"
+    ds.SoftwareVersions = __version__
+    ds.InstitutionName = ""
 
 
 def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:

@@ -77,7 +77,7 @@ def test_json_config_is_checked_too():
         configs.from_dict(Outer, {"inner": {"bogus": 1}})
 
 
-def test_train_config_refused_before_anything_is_written(tmp_path, monkeypatch):
+def test_train_config_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
     from hnseg_keras import cli
 
     monkeypatch.chdir(tmp_path)
@@ -85,6 +85,8 @@ def test_train_config_refused_before_anything_is_written(tmp_path, monkeypatch):
                           ("mixed_precision=yes", "mixed_precision"), ("augment.mixup=maybe", "augment.mixup")):
         out = tmp_path / "run"
         assert cli.main(["train", "--variant", "S", "--out", str(out), "--set", override]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"error: {key}: expected" in err
         assert not out.exists() and not (tmp_path / "tfrecords").exists() and not (tmp_path / "runs").exists()
     # the message names the key, on one line
     from hnseg_keras.training.trainer import load_config

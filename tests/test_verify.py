@@ -153,3 +153,25 @@ def test_both_backups_damaged_start_over(tmp_path, capsys):
     assert "starts again from epoch 0" in resume.repair_backup(backup)
     assert not backup.exists() and len(list(backup.parent.glob("backup.damaged-*"))) == 1
     assert "starts again from epoch 0" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- memory cache budget
+
+
+def test_memory_cache_estimate_and_fallback(prepared, capsys):
+    from hnseg_keras.data.shards import Manifest, read_split
+    from hnseg_keras.inputs import cache_budget
+    from hnseg_keras.inputs.pipeline import PipelineConfig
+
+    manifest = Manifest.load(prepared)
+    example = next(iter(read_split(prepared, "train")))
+    decoded = sum(example[key].numpy().nbytes for key in ("image", "masks", "dist_maps", "annotated"))
+    assert 0 <= cache_budget.example_bytes(manifest) - decoded <= 64
+    slices = manifest.splits["train"]["slices"] + manifest.splits["validation"]["slices"]
+    needed = cache_budget.split_bytes(manifest)
+    assert needed == slices * cache_budget.example_bytes(manifest)
+    memory = PipelineConfig(cache="memory")
+    assert cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed) is memory
+    assert cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed - 1).cache is None
+    assert "reading the shards from disk each epoch instead" in capsys.readouterr().err
+    assert 0 < cache_budget.memory_bytes() < 1 << 50

@@ -40,6 +40,7 @@ from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
 from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.cache_budget import fit_cache
 from hnseg_keras.inputs.pipeline import (
     PipelineConfig,
     intensity_stats,
@@ -512,6 +513,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
 
 def make_datasets(config: TrainConfig, manifest_path: Path, multi_worker: bool):
     """``(train, validation, steps_per_epoch, validation_steps)``; training repeats endlessly."""
+    config = dataclasses.replace(config, pipeline=fit_cache(config.pipeline, manifest_path))  # memory budget
     splits = Manifest.load(manifest_path).splits
     batch = config.pipeline.batch_size
     if splits["train"]["slices"] < batch:

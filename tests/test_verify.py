@@ -175,3 +175,25 @@ def test_memory_cache_estimate_and_fallback(prepared, capsys):
     assert cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed - 1).cache is None
     assert "reading the shards from disk each epoch instead" in capsys.readouterr().err
     assert 0 < cache_budget.memory_bytes() < 1 << 50
+
+
+# ----------------------------------------------------------------------------- one writer per folder
+
+
+def test_second_prepare_refused_and_live_temp_files_kept(data, tiny_phantom_root):
+    from hnseg_keras.data.prepare import _resume_state
+    from hnseg_keras.files import FolderLock, owned_by_live_process, temp_name
+
+    with FolderLock(data, "hnseg prepare"), pytest.raises(HnsegError, match=r"in use by hnseg prepare \(pid"):
+        prepare(tiny_phantom_root, data, CONFIG)
+    shard = train_shards(data)[0]
+    live = temp_name(shard)  # this process: alive
+    dead = shard.with_name(f".{shard.name}.999999999-deadbeef.tmp")  # no such pid
+    live.write_bytes(b"x")
+    dead.write_bytes(b"x")
+    assert owned_by_live_process(live) and not owned_by_live_process(dead)
+    wanted = {case: item["split"] for case, item in json.loads((data / "manifest.json").read_text())["cases"].items()}
+    assert len(_resume_state(data, wanted)) == len(wanted)  # every finished case verified and kept
+    assert live.exists() and not dead.exists()
+    assert prepare(tiny_phantom_root, data, CONFIG).complete  # the rerun finishes, lock released
+    assert not (data / ".hnseg.lock").exists()

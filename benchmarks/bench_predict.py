@@ -8,8 +8,8 @@ worst case for time and memory). Each case runs in a fresh subprocess so its pea
     python benchmarks/bench_predict.py --out bench_predict.json
     python benchmarks/bench_predict.py --cases pddca --tta --batch-size 16
 
-Cases: ``pddca`` 512 x 512 x 200 at 0.9 x 0.9 x 2.5 mm (the issue's memory budget: peak RSS <= 4 GB)
-and ``coarse`` 128 x 128 x 128 at 4 mm. Slicing: 280 x 280 at 1 mm (model input padded to 288).
+Cases: ``pddca`` 512 x 512 x 200 at 0.9 x 0.9 x 2.5 mm (memory budget: peak RSS <= 4 GB), ``ct300``
+512 x 512 x 300 at the same spacing and ``coarse`` 128 x 128 x 128 at 4 mm. Slicing: 280 x 280 at 1 mm (model input padded to 288).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import numpy as np
 
 CASES = {  # name: (X = Y, Z, in-plane mm, slice mm)
     "pddca": (512, 200, 0.9, 2.5),
+    "ct300": (512, 300, 0.9, 2.5),  # a long head-and-neck scan (vertex to carina)
     "coarse": (128, 128, 4.0, 4.0),
 }
 BUDGET_RSS_GB = 4.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("hnseg_keras.inference.export", "export a trained run as a TensorFlow SavedModel"),
     "predict": ("hnseg_keras.inference.prediction", "segment CT volumes with a trained or exported model"),
     "evaluate": ("hnseg_keras.evaluation.scores", "3D Dice, HD95, surface distance and surface Dice tables"),
+    "verify": ("hnseg_keras.data.verify", "check a prepared data, run or export folder against its recorded sha256"),
 }
 
 
@@ -41,9 +43,33 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     return parser, module
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (tests and wrappers may replace it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"hnseg: {record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def setup_logging() -> None:
+    """Warnings of the package (``logging.getLogger(__name__)`` in its modules) as one line on stderr each."""
+    logger = logging.getLogger("hnseg_keras")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
+    logger.setLevel(logging.WARNING)
+
+
+def op_error_line(error: BaseException) -> str | None:
+    """One line for a TensorFlow op error escaping a stage (which names the file or op), else None."""
+    if not any(c.__module__.startswith("tensorflow") and c.__name__.endswith("Error") for c in type(error).__mro__):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:400] if lines else 'no message'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    setup_logging()
     try:
         parser, module = build_parser(argv)
         args = parser.parse_args(argv)
@@ -57,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hnseg: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        line = op_error_line(error)
+        if line is None:
+            raise
+        print(f"hnseg {argv[0] if argv else ''}: error: {line}".replace("  ", " "), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -103,6 +103,13 @@ def replace_folder(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class FolderLock:
     """Exclusive lock on an output folder (``<folder>/.hnseg.lock``), held until ``release`` or exit.
 
@@ -118,15 +125,19 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
-        handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise HnsegError(f"{self.folder}: in use by {holder}; wait for it to finish or choose another "
-                             "folder") from None
+        while True:
+            handle = open(path, "a+")  # noqa: SIM115  (held open for the lock's lifetime)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise HnsegError(f"{self.folder}: in use by {holder}; wait for it to finish or choose another "
+                                 "folder") from None
+            if _same_file(handle, path):
+                break
+            handle.close()  # the holder removed the file between our open and flock: take the new one
         handle.seek(0)
         handle.truncate()
         command = " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:2])
@@ -137,7 +148,10 @@ class FolderLock:
         return self
 
     def release(self) -> None:
+        """Remove the lock file (while still holding it, so no one can lock the removed file), then unlock."""
         if self._handle is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self.folder / LOCK_NAME).unlink()
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from hnseg_keras.data import checks as image_checks
 from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
@@ -144,7 +145,7 @@ def _read_pddca(folder: Path, organs: Sequence[str], catalogue: Mapping | None =
         elif name in organs:
             found[name] = file
     if unknown:
-        log.info("%s: ignoring unknown structure files %s", structures, ", ".join(unknown))
+        log.warning("%s: ignoring unknown structure files %s", structures, ", ".join(unknown))
     for name, file in found.items():
         mask_image = _read_image(file)
         _check_same_geometry(mask_image, ct_image, file)
@@ -173,7 +174,7 @@ def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], lab
                          "not define; fix the labels in dataset.json or in the label map")
     unmapped = sorted(v for v in present if v not in value_to_organ)
     if unmapped:
-        log.info("%s: ignoring label values %s (not in the label table)", path, unmapped)
+        log.warning("%s: ignoring label values %s (not in the label table)", path, unmapped)
     masks = {}
     for value, name in value_to_organ.items():
         if name in organs and (explicit or value in present):
@@ -230,6 +231,7 @@ def _read_image(path: Path) -> sitk.Image:
 
 def case_from_image(case_id: str, image: sitk.Image, path: Path) -> Case:
     """Validate the CT (3D, scalar, finite) and convert it to int16 HU."""
+    image_checks.check_image(image, path)  # 4D / multi-channel refused; odd type, spacing or HU range warned
     if image.GetDimension() != 3 or image.GetSize()[2] < 2:
         raise HnsegError(f"{path}: image is 2D (size {image.GetSize()}); give a 3D CT volume")
     if image.GetNumberOfComponentsPerPixel() != 1:

@@ -45,6 +45,7 @@ from hnseg_keras.data.shards import (
 )
 from hnseg_keras.data.slicing import SlicingConfig, compute_transform, slice_case
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import LOCK_NAME, FolderLock, owned_by_live_process
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,7 @@ def _check_output(out: Path, source: str, identity: dict):
     if not out.is_dir():
         raise HnsegError(f"{out}: exists and is not a folder; choose a new --out")
     if not (out / "manifest.json").is_file():
-        if any(out.iterdir()):
+        if any(p.name != LOCK_NAME for p in out.iterdir()):
             raise HnsegError(f"{out}: exists and is not a prepare output (no manifest.json); choose a new --out")
         return None
     manifest = Manifest.load(out / "manifest.json")
@@ -171,7 +172,7 @@ def _resume_state(out: Path, wanted: dict[str, str]) -> dict[str, CaseRecord]:
     """Finished, verified CaseRecords by case id; removes temp files, bad records and orphan shards."""
     for folder in (out, out / "cases", *(out / split for split in {*wanted.values()})):
         for temp in folder.glob(f".*{TEMP_SUFFIX}"):
-            if temp.is_file():
+            if temp.is_file() and not owned_by_live_process(temp):
                 temp.unlink()
     done = {}
     for path in sorted((out / "cases").glob("*.json")):
@@ -236,7 +237,13 @@ def _run_jobs(jobs: list[dict], workers: int):
         yield from pool.imap_unordered(convert_case, jobs)
 
 
-def _resolve_source(source, config: PrepareConfig, reading: layouts.Reading) -> tuple[str, list | None, dict | None]:
+def _source_name(root: Path, out: Path) -> str:
+    """The input folder relative to ``out``: no absolute path of this machine goes into the manifest."""
+    return Path(os.path.relpath(root, Path(out).resolve())).as_posix()
+
+
+def _resolve_source(source, config: PrepareConfig, reading: layouts.Reading,
+                    out: Path) -> tuple[str, list | None, dict | None]:
     """(source text for the manifest, CaseRefs or None for a phantom, phantom config dict)."""
     if isinstance(source, PhantomSource):
         if source.num_cases < 1:
@@ -244,7 +251,7 @@ def _resolve_source(source, config: PrepareConfig, reading: layouts.Reading) -> 
         config = configs.to_dict(source.config) if source.config is not None else None
         return f"phantom:{source.num_cases}", None, config
     root = Path(source).resolve()
-    return str(root), _find(root, config, reading), None
+    return _source_name(root, out), _find(root, config, reading), None
 
 
 def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLike,
@@ -260,7 +267,7 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
     """
     out = Path(out_dir)
     reading = dataclasses.replace(reading or layouts.Reading(), catalogue=config.catalogue())
-    source_text, refs, phantom_config = _resolve_source(source, config, reading)
+    source_text, refs, phantom_config = _resolve_source(source, config, reading, out)
     if split_file is not None and not Path(split_file).is_file():
         raise HnsegError(f"{split_file}: split file not found")
     identity = _identity(source_text, config, split_file, phantom_config, reading)
@@ -271,17 +278,18 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
                     source=source_text, prepare=identity,
                     organ_definitions=organ_catalogue.definitions(config.organs, config.catalogue()))
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     try:
-        if not (out / "manifest.json").exists():
-            base.save(out / "manifest.json")
-        if refs is None:
-            refs = _phantom_input(out, source)
-        assignment, base.split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
-                                                    config.split_fractions, split_file, config.fold)
-        return _convert_all(out, refs, config, assignment, workers, base, reading)
+        with FolderLock(out, "hnseg prepare"):  # one writer per --out
+            _check_output(out, source_text, identity)  # again, now that no one else writes there
+            if not (out / "manifest.json").exists():
+                base.save(out / "manifest.json")
+            if refs is None:
+                refs = _phantom_input(out, source)
+            assignment, base.split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
+                                                        config.split_fractions, split_file, config.fold)
+            return _convert_all(out, refs, config, assignment, workers, base, reading)
     except HnsegError:
-        if created and not list((out / "cases").glob("*.json")):
+        if created and out.is_dir() and not list((out / "cases").glob("*.json")):
             shutil.rmtree(out, ignore_errors=True)
         raise
 

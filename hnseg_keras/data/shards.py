@@ -11,6 +11,7 @@ CLI's input checks) stay fast and quiet.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -22,6 +23,7 @@ import numpy as np
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import temp_name
 
 SCHEMA_VERSION = 1
 HIST_FIRST_HU = -1024
@@ -143,7 +145,7 @@ class ShardWriter:
 
             final = self._final_path()
             final.parent.mkdir(parents=True, exist_ok=True)
-            self._temp = final.with_name(f".{final.name}{TEMP_SUFFIX}")
+            self._temp = temp_name(final)  # per process: concurrent writers never share a temp file
             options = tf.io.TFRecordOptions(compression_type="GZIP", compression_level=self.compression_level)
             self._writer = tf.io.TFRecordWriter(str(self._temp), options)
         self._writer.write(record)
@@ -344,3 +346,64 @@ def read_split(manifest_path: str | os.PathLike, split: str, deterministic: bool
     shape, num_organs = manifest.image_shape, len(manifest.organs)
     return records.map(lambda s: parse_example(s, shape, num_organs), num_parallel_calls=tf.data.AUTOTUNE,
                        deterministic=deterministic)
+
+
+# ----------------------------------------------------------------------------- verification with a fast path
+
+VERIFIED_CACHE = ".verified.json"  # {shard: [size, mtime_ns, sha256]} of shards already hashed, in the shard folder
+
+
+def _load_verified(root: Path) -> dict:
+    try:
+        data = configs.read_json(root / VERIFIED_CACHE) if (root / VERIFIED_CACHE).is_file() else {}
+    except HnsegError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def shard_problems(root: str | os.PathLike, shards: Sequence[ShardInfo], use_cache: bool = True) -> list[str]:
+    """One line per shard that is missing or differs (size, sha256) from its manifest entry.
+
+    A shard whose (size, mtime_ns) match the cache entry of an earlier verification is not hashed
+    again; the cache is rewritten atomically after new hashes. ``use_cache=False`` hashes every file.
+    """
+    root = Path(root)
+    cache = _load_verified(root) if use_cache else {}
+    changed, problems = False, []
+    for info in shards:
+        path = root / info.file
+        if not path.is_file():
+            problems.append(f"{path}: shard listed in manifest.json is missing; rerun `hnseg prepare` into a new --out")
+            continue
+        stat = path.stat()
+        if stat.st_size != info.bytes:
+            problems.append(f"{path}: shard is {stat.st_size} bytes, manifest.json says {info.bytes} (truncated or "
+                            "replaced); rerun `hnseg prepare` into a new --out")
+            continue
+        key = [stat.st_size, stat.st_mtime_ns, info.sha256]
+        if cache.get(info.file) == key:
+            continue
+        if sha256_file(path) != info.sha256:
+            problems.append(f"{path}: shard sha256 differs from manifest.json (damaged or replaced by another "
+                            "shard); rerun `hnseg prepare` into a new --out")
+            continue
+        cache[info.file], changed = key, True
+    if changed:
+        with contextlib.suppress(OSError):  # a read-only data folder: verified again next time
+            configs.write_json_atomic(root / VERIFIED_CACHE, cache)
+    return problems
+
+
+def verify_data(manifest_path: str | os.PathLike, splits: Sequence[str] | None = None, use_cache: bool = True) -> Manifest:
+    """Check the shards of ``splits`` (default: all) of a manifest; one-line HnsegError naming the first bad one."""
+    path = Path(manifest_path)
+    manifest = Manifest.load(path)
+    root = path if path.is_dir() else path.parent
+    shards = [info for split in (splits or list(manifest.splits)) if split in manifest.splits
+              for info in manifest.shards(split)]
+    problems = shard_problems(root, shards, use_cache)
+    if problems:
+        more = f" (and {len(problems) - 1} more shard(s))" if len(problems) > 1 else ""
+        first, _, fix = problems[0].rpartition("; ")
+        raise HnsegError(f"{first}{more}; {fix}")
+    return manifest

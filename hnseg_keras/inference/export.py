@@ -32,6 +32,7 @@ from hnseg_keras.data.organs import label_value, resolve_organs
 from hnseg_keras.data.slicing import AIR_HU, SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
+from hnseg_keras.inference import trust
 
 METADATA_FORMAT = "hnseg-keras-export"
 METADATA_SCHEMA = 1
@@ -57,7 +58,7 @@ def load_keras_model(path: str | os.PathLike):
     if not path.is_file():
         raise HnsegError(f"{path}: model file not found; give a .keras file, an export folder or a run folder")
     try:
-        return keras.saving.load_model(path, compile=False)
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as error:  # noqa: BLE001  (Keras raises many types for a bad archive)
         text = str(error).strip().splitlines()
         raise HnsegError(f"{path}: cannot load the Keras model ({text[0][:200] if text else type(error).__name__}); "
@@ -108,7 +109,13 @@ def run_metadata(run_dir: str | os.PathLike) -> dict:
     manifest = Manifest.load(manifest_path)
     height, width, channels = (int(v) for v in manifest.image_shape)
     return model_metadata(manifest.organs, manifest.slicing, (height, width, channels),
-                          str(Path(manifest_path).resolve()), config.get("model"))
+                          _data_name(manifest_path), config.get("model"))
+
+
+def _data_name(manifest_path: Path) -> str:
+    """The prepared data set's folder name (no absolute path of this machine goes into metadata)."""
+    resolved = manifest_path.resolve()
+    return resolved.name if resolved.is_dir() else resolved.parent.name
 
 
 def model_metadata(organs, slicing: dict, image_shape: tuple[int, int, int], manifest: str | None,
@@ -162,6 +169,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
         shutil.copy2(model_path, tmp / MODEL_FILE)
         write_saved_model(model, tmp / SAVED_MODEL_DIR, metadata["input"])
         metadata["self_check_max_abs_diff"] = _self_check(model, tmp / SAVED_MODEL_DIR, metadata["input"])
+        metadata[trust.FILES_KEY] = trust.fingerprint(tmp, (MODEL_FILE, SAVED_MODEL_DIR))
         configs.write_json_atomic(tmp / METADATA_FILE, metadata)
         replace_folder(tmp, out_dir)
     finally:
@@ -184,7 +192,7 @@ def _provenance(run_dir: Path, which: str) -> dict:
     return {
         "format": METADATA_FORMAT, "schema_version": METADATA_SCHEMA, "hnseg_keras_version": __version__,
         "tensorflow_version": tf.__version__, "keras_version": keras.__version__,
-        "source_run": str(run_dir.resolve()), "which": which,
+        "source_run": run_dir.resolve().name, "which": which,
         "model_file": MODEL_FILE, "saved_model": SAVED_MODEL_DIR,
         "signatures": {"serving_default": "float32", "serve": "float32", "serve_int16": "int16"},
         "output": {"name": "probabilities", "activation": "sigmoid", "threshold": 0.5},

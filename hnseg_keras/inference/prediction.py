@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -48,6 +49,8 @@ from hnseg_keras.data.slicing import (
     to_field_of_view,
 )
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import FolderLock, refuse_existing, replace_folder, temp_name
+from hnseg_keras.inference import trust
 
 THRESHOLD = 0.5
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
@@ -105,13 +108,15 @@ class Predictor:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_predictor(model_path: str | os.PathLike) -> Predictor:
-    """A Predictor from an export folder (SavedModel; TensorFlow only), a ``.keras`` file or a run folder.
+def load_predictor(model_path: str | os.PathLike, saved_model: bool = False) -> Predictor:
+    """A Predictor from an export folder, a ``.keras`` file or a run folder.
 
-    A ``.keras`` file takes its metadata from ``metadata.json`` beside it (export folder) or from
-    the run's ``config.json`` and data manifest (run folder).
+    An export folder gives its ``model.keras`` (Keras safe mode) unless ``saved_model``: then its
+    SavedModel (executable TensorFlow graph) runs, after every file matched metadata.json's sha256
+    (``trust.verify_export``). A ``.keras`` file takes its metadata from ``metadata.json`` beside it
+    (export folder) or from the run's ``config.json`` and data manifest (run folder).
     """
-    from hnseg_keras.inference.export import METADATA_FILE, read_metadata, run_metadata
+    from hnseg_keras.inference.export import METADATA_FILE, MODEL_FILE, read_metadata, run_metadata
 
     path = Path(model_path)
     if not path.exists():
@@ -119,7 +124,14 @@ def load_predictor(model_path: str | os.PathLike) -> Predictor:
     if path.is_dir() and (path / "saved_model.pb").is_file() and (path.parent / METADATA_FILE).is_file():
         path = path.parent  # the saved_model/ folder inside an export
     if path.is_dir() and (path / METADATA_FILE).is_file():
-        return _saved_model_predictor(path, read_metadata(path))
+        metadata = read_metadata(path)
+        trust.check_metadata(metadata, str(path))
+        trust.verify_export(path, metadata, saved_model)
+        if saved_model:
+            return _saved_model_predictor(path, metadata)
+        return _keras_predictor(path / MODEL_FILE, metadata)
+    if saved_model:
+        raise HnsegError(f"{path}: --saved-model needs an export folder (metadata.json + saved_model/)")
     if path.is_dir() and (path / "config.json").is_file():
         model_file = next((path / n for n in ("best.keras", "final.keras") if (path / n).is_file()), None)
         if model_file is None:
@@ -127,7 +139,10 @@ def load_predictor(model_path: str | os.PathLike) -> Predictor:
         return _keras_predictor(model_file, run_metadata(path))
     if path.is_file() and path.suffix == ".keras":
         if (path.parent / METADATA_FILE).is_file():
-            return _keras_predictor(path, read_metadata(path.parent))
+            metadata = read_metadata(path.parent)
+            trust.check_metadata(metadata, str(path.parent))
+            trust.verify_export(path.parent, metadata, False, model_file=path.name)
+            return _keras_predictor(path, metadata)
         if (path.parent / "config.json").is_file():
             return _keras_predictor(path, run_metadata(path.parent))
         raise HnsegError(f"{path}: no metadata.json or run config.json beside it; keep the .keras file in its "
@@ -146,23 +161,24 @@ def _keras_predictor(path: Path, metadata: dict) -> Predictor:
 
     organs, slicing, channels = _metadata_parts(metadata)
     model = load_keras_model(path)
-    if model.input_shape[-1] != channels or model.output_shape[-1] != len(organs):
-        raise HnsegError(f"{path}: model shape ({model.input_shape[-1]} in, {model.output_shape[-1]} out) does "
-                         f"not match its metadata ({channels} channels, {len(organs)} organs)")
+    trust.check_signature(model.input_shape, model.output_shape, metadata, str(path))
     predictor = Predictor.from_keras_model(model, organs, slicing, str(path), size_multiple_of(model))
     return dataclasses.replace(predictor, catalogue=catalogue_from(metadata.get("organ_definitions")))
 
 
 def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
+    """The export's SavedModel (call only after ``trust.verify_export(..., saved_model=True)``)."""
     import tensorflow as tf
 
     organs, slicing, channels = _metadata_parts(metadata)
     try:
         loaded = tf.saved_model.load(str(folder / metadata.get("saved_model", "saved_model")))
         signature = loaded.signatures["serve_int16"]
-    except (OSError, KeyError, ValueError) as error:
-        raise HnsegError(f"{folder}: cannot load the SavedModel ({str(error).splitlines()[0][:200]}); "
+    except Exception as error:  # noqa: BLE001  (TensorFlow raises many types for a bad SavedModel)
+        text = str(error).strip().splitlines()
+        raise HnsegError(f"{folder}: cannot load the SavedModel ({text[0][:200] if text else type(error).__name__}); "
                          "re-export it with `hnseg export`") from None
+    trust.check_signature(*trust.saved_model_shapes(signature), metadata, str(folder))
 
     def run_batch(batch, _keep_alive=loaded):
         return signature(ct=tf.constant(batch))["probabilities"].numpy()
@@ -329,33 +345,34 @@ def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool) ->
     return paths
 
 
-def check_outputs(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, force: bool) -> None:
-    """Refuse outputs that exist (unless ``force``) and, always, anything that would overwrite the input
-    or leave ``hnseg evaluate`` two predictions of a case (a label map in the other format, a
-    ``<case>/structures`` folder): those are never deleted, since they may be the user's own files."""
-    paths = output_paths(out_dir, item, fmt, pddca_masks)
-    for path in paths.values():
-        if path.exists() and path.resolve() == item.path.resolve():
-            raise HnsegError(f"{path}: is the input itself; choose another --out")
-        if path.exists() and not force:
-            raise HnsegError(f"{path}: already exists; choose another --out or pass --force")
-    rivals = [out_dir / f"{item.case_id}.{other}" for other in FORMATS if other != fmt]
-    rivals.append(out_dir / item.case_id / "structures")
-    for path in rivals:
-        if path.exists():
-            raise HnsegError(f"{path}: another prediction (or file) of case {item.case_id} is there; "
-                             "choose another --out or remove it")
-
-
 def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
                        dicom_series: Path | None = None) -> list[Path]:
-    """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`)."""
-    written = [write_label_map(seg.label_map(), case, paths["label_map"], overwrite=force)]
-    if "masks" in paths:
-        written.append(write_structures(seg, case, paths["masks"], force))
-    if "rtstruct" in paths and dicom_series is not None:
-        written.append(write_rtstruct(seg, case, dicom_series, paths["rtstruct"], force))
-    return written
+    """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`), all or none.
+
+    Everything is written into a per-process staging folder beside the outputs, then renamed into
+    place with the label map last: a failure leaves nothing, and an existing label map means its
+    case finished. ``force`` replaces existing outputs; without it an existing one is refused.
+    """
+    out_dir = paths["label_map"].parent
+    for key, path in paths.items():
+        if key != "label_map" and path.exists() and not force and not paths["label_map"].exists():
+            continue  # left by a commit that was killed before its label map: ours to replace
+        refuse_existing(path, force)
+    stage = temp_name(out_dir / f"{case.case_id}-outputs")
+    try:
+        staged = {key: stage / path.relative_to(out_dir) for key, path in paths.items()}
+        write_label_map(seg.label_map(), case, staged["label_map"])
+        if "masks" in paths:
+            write_structures(seg, case, staged["masks"])
+        if "rtstruct" in paths and dicom_series is not None:
+            write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
+        for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
+            if staged[key].exists():
+                paths[key].parent.mkdir(parents=True, exist_ok=True)
+                (replace_folder if staged[key].is_dir() else os.replace)(staged[key], paths[key])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [path for path in paths.values() if path.exists()]
 
 
 def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = False) -> Path:
@@ -388,6 +405,7 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force:
             rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name, seg.catalogue)),
                              description="hnseg-keras prediction")
     rtstruct.set_series_description("hnseg-keras prediction")
+    stamp_software(rtstruct.ds)
     tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
     try:
         rtstruct.ds.save_as(str(tmp))
@@ -395,6 +413,16 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def stamp_software(ds) -> None:
+    """Name hnseg-keras (and its version) as the software that made an RTSTRUCT, not the rt-utils defaults."""
+    from hnseg_keras import __version__
+
+    ds.Manufacturer = "hnseg-keras"
+    ds.ManufacturerModelName = "hnseg-keras"
+    ds.SoftwareVersions = __version__
+    ds.InstitutionName = ""
 
 
 def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
@@ -429,8 +457,14 @@ def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT",
                         help="CT file (NRRD/NIfTI), DICOM series folder, PDDCA case folder or a folder of cases")
-    parser.add_argument("--model", required=True, help="export folder, .keras file or training run folder")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--model", required=True,
+                        help="export folder, .keras file or training run folder; .keras models load in Keras safe "
+                             "mode, after their sha256 matched the export's metadata.json")
+    parser.add_argument("--saved-model", action="store_true",
+                        help="run the export's TensorFlow SavedModel instead of model.keras. A SavedModel is "
+                             "executable code (its graph may run any TensorFlow op); it is loaded only after every "
+                             "file matched the sha256 in metadata.json, so use it only with exports you trust")
+    parser.add_argument("--out", required=True, help="output folder (one predict at a time; finished cases are skipped)")
     parser.add_argument("--tta", action="store_true", help="average with a left-right mirrored pass")
     parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest 3D component")
     parser.add_argument("--format", choices=FORMATS, default="nrrd", help="label-map format (default nrrd)")
@@ -439,7 +473,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="slices per inference batch (default 8)")
     parser.add_argument("--split", choices=("train", "validation", "test"),
                         help="with a dataset folder: predict only this split")
-    parser.add_argument("--force", action="store_true", help="replace existing outputs")
+    parser.add_argument("--force", action="store_true", help="redo finished cases, replacing their outputs")
+    parser.add_argument("--continue-on-error", action="store_true",
+                        help="go on past a case that fails; list the failures at the end (exit status 1)")
     layouts.add_arguments(parser, organ_options=False)
 
 
@@ -450,24 +486,23 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HnsegError(f"{out_dir}: is a file; give a folder for --out")
-    for item in items:
-        check_outputs(out_dir, item, args.format, args.pddca_masks, args.force)
-    predictor = load_predictor(args.model)
-    total_seconds, total_slices = 0.0, 0
-    for number, item in enumerate(items, 1):
-        started = time.perf_counter()
-        case = layouts.read_ref(item.ref, ())
-        seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
-                           progress=_progress_bar(f"[{number}/{len(items)}] {item.case_id}"))
-        paths = output_paths(out_dir, item, args.format, args.pddca_masks)
-        written = write_segmentation(seg, case, paths, args.force, item.series_files)
-        seconds = time.perf_counter() - started
-        total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
-        print(f"[{number}/{len(items)}] {case.case_id}: {seg.slices} slices, {seconds:.1f} s "
-              f"({seg.slices / max(seg.seconds, 1e-9):.1f} slices/s segmentation) -> "
-              f"{', '.join(str(p) for p in written)}", file=sys.stderr)
-    print(f"predicted {len(items)} case(s) in {total_seconds:.1f} s: {total_seconds / len(items):.2f} s per case, "
-          f"{total_slices / max(total_seconds, 1e-9):.1f} slices/s overall", file=sys.stderr)
+    from hnseg_keras.inference import batch
+
+    todo = [item for item in items
+            if batch.case_state(out_dir, item, args.format, args.pddca_masks, args.force) == "todo"]
+    if len(todo) < len(items):
+        print(f"skipping {len(items) - len(todo)} finished case(s) in {out_dir} (--force redoes them)", file=sys.stderr)
+    if not todo:
+        return 0
+    predictor = load_predictor(args.model, saved_model=args.saved_model)
+    with FolderLock(out_dir, "hnseg predict"):
+        batch.remove_dead_staging(out_dir)
+        failures = batch.predict_all(todo, predictor, out_dir, args)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} case(s) failed:", file=sys.stderr)
+        for case_id, reason in failures:
+            print(f"  {case_id}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

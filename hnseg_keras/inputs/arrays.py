@@ -243,7 +243,7 @@ def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.Pat
     examples = read_split(manifest_path, split).as_numpy_iterator()
     arrays = from_examples(examples, manifest.organs, manifest.slicing, window,
                            {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
-                            "manifest": str(manifest_path.resolve())})
+                            "manifest": Path(manifest_path).resolve().parent.name})  # no absolute path
     return arrays.save(out)
 
 

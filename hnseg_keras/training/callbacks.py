@@ -22,6 +22,7 @@ from scipy import ndimage
 from hnseg_keras import configs
 from hnseg_keras.data.organs import CATALOGUE
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import LOCK_NAME
 from hnseg_keras.inputs.targets import unpack_targets
 
 # Contour colours (RGB) by catalogue label value - 1; distinct on a grey CT.
@@ -103,7 +104,7 @@ def check_run_folder(run: Path, resolved: dict) -> str:
     if not run.is_dir():
         raise HnsegError(f"{run}: exists and is not a folder; choose another --out")
     if not (run / "config.json").is_file():
-        if any(run.iterdir()):
+        if any(p.name != LOCK_NAME for p in run.iterdir()):
             raise HnsegError(f"{run}: is not empty and holds no training run (no config.json); choose another --out")
         return "new"
     stored = configs.read_json(run / "config.json")

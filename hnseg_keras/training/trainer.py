@@ -35,10 +35,12 @@ import tensorflow as tf
 from hnseg_keras import configs
 from hnseg_keras.data.phantom import PhantomConfig
 from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
-from hnseg_keras.data.shards import Manifest
+from hnseg_keras.data.shards import Manifest, verify_data
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import FolderLock
 from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.cache_budget import fit_cache
 from hnseg_keras.inputs.pipeline import (
     PipelineConfig,
     intensity_stats,
@@ -51,6 +53,7 @@ from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
 from hnseg_keras.model.metrics import dice_metrics
 from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
 from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import resume
 
 VARIANT_NAMES = ("S", "M", "L")
 DEMO_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R", "Submandibular_L", "Submandibular_R")
@@ -348,6 +351,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         raise HnsegError("max_train_minutes needs a single worker; with several (TF_CONFIG) cap --epochs instead")
     out = Path(config.out) if config.out else default_out(config)
     manifest_path = manifest_path_of(config)
+    verify_data(manifest_path, ("train", "validation"))  # size + sha256 of the shards, before anything is written
     config = dataclasses.replace(resolve_for_data(config, manifest_path), out=str(out))
     chief, task = worker_identity(strategy)
     # Every worker runs the same saving code (reading variables may need all of them); only the chief's
@@ -362,9 +366,9 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         print(f"{run}: this configuration already finished training there (summary.json); "
               "use another --out to train again", file=sys.stderr)
         return run
-    run.mkdir(parents=True, exist_ok=True)
-    configs.write_json_atomic(run / "config.json", resolved)
-    _fit(config, strategy, run, manifest_path, chief, multi_worker, list(callbacks or []), started)
+    with FolderLock(run, "hnseg train"):  # one writer per run folder
+        configs.write_json_atomic(run / "config.json", resolved)
+        _fit(config, strategy, run, manifest_path, chief, multi_worker, list(callbacks or []), started)
     if not chief:
         shutil.rmtree(run, ignore_errors=True)
     return run
@@ -381,6 +385,7 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
     if augment is not None:
         augment_in_train_step(model, augment)
     loss = model.loss
+    resume.repair_backup(run / "backup")  # a damaged newest backup: the previous one, or epoch 0 (said on stderr)
     initial_epoch = cb.backup_epoch(run / "backup")
     if initial_epoch:
         print(f"resuming {run} after epoch {initial_epoch} of {config.epochs}", file=sys.stderr)
@@ -508,6 +513,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
 
 def make_datasets(config: TrainConfig, manifest_path: Path, multi_worker: bool):
     """``(train, validation, steps_per_epoch, validation_steps)``; training repeats endlessly."""
+    config = dataclasses.replace(config, pipeline=fit_cache(config.pipeline, manifest_path))  # memory budget
     splits = Manifest.load(manifest_path).splits
     batch = config.pipeline.batch_size
     if splits["train"]["slices"] < batch:

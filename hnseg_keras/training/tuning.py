@@ -24,6 +24,7 @@ that was running restarts from its last finished epoch. ``KERASTUNER_TUNER_ID`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,6 +38,7 @@ import keras_tuner
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import FolderLock
 from hnseg_keras.inputs.train_step import augment_in_train_step
 from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import trainer as training
@@ -409,19 +411,20 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
     from hnseg_keras.data.shards import Manifest
 
     organs = list(Manifest.load(manifest_path).organs)
-    out.mkdir(parents=True, exist_ok=True)
-    configs.write_json_atomic(out / "search_config.json", record)
-    hypermodel = LossWeightHyperModel(resolved, tune, out, manifest_path, organs)
-    tuner = make_tuner(tune, hypermodel, out, strategy)
-    try:
-        tuner.search(callbacks=list(callbacks or []), verbose=1)
-    except SearchStopped as error:
-        raise HnsegError(str(error)) from None
-    except RuntimeError as error:  # KerasTuner: too many consecutive failed trials
-        failed = failed_trials(tuner.oracle) if role is None else []
-        cause = failed[-1]["error"] if failed else str(error).strip().splitlines()[0]
-        raise HnsegError(f"{out}/search: the search stopped after failed trials (last error: {cause}); "
-                         "see search/trial_*/trial.json there") from None
+    # one search per folder; distributed workers share the chief's folder, so only a lone process locks it
+    with FolderLock(out, "hnseg tune") if role is None else contextlib.nullcontext():
+        configs.write_json_atomic(out / "search_config.json", record)
+        hypermodel = LossWeightHyperModel(resolved, tune, out, manifest_path, organs)
+        tuner = make_tuner(tune, hypermodel, out, strategy)
+        try:
+            tuner.search(callbacks=list(callbacks or []), verbose=1)
+        except SearchStopped as error:
+            raise HnsegError(str(error)) from None
+        except RuntimeError as error:  # KerasTuner: too many consecutive failed trials
+            failed = failed_trials(tuner.oracle) if role is None else []
+            cause = failed[-1]["error"] if failed else str(error).strip().splitlines()[0]
+            raise HnsegError(f"{out}/search: the search stopped after failed trials (last error: {cause}); "
+                             "see search/trial_*/trial.json there") from None
     if role != "worker":
         write_results(tuner.oracle, base, hypermodel.epochs, out)
     return out

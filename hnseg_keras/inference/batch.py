@@ -1,0 +1,103 @@
+"""Folder prediction: which cases are finished, one case at a time, failures reported by case.
+
+A case counts as finished when its label map exists (``write_segmentation`` renames it into place
+last), so a rerun skips finished cases and redoes the rest; ``--continue-on-error`` goes on past a
+failing case and lists every failure with its reason at the end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from hnseg_keras.data import layouts
+from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import owned_by_live_process
+from hnseg_keras.inference.prediction import (
+    FORMATS,
+    CaseInput,
+    Predictor,
+    _progress_bar,
+    output_paths,
+    segment_case,
+    write_segmentation,
+)
+
+
+def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, force: bool) -> str:
+    """``"todo"`` or ``"done"`` (every output there: skipped unless ``force``) for one case.
+
+    Refuses, always, anything that would overwrite the input or leave ``hnseg evaluate`` two
+    predictions of a case (a label map in the other format, a ``<case>/structures`` folder): those are
+    never deleted, since they may be the user's own files. The label map is committed last, so one
+    without the other requested outputs is an earlier run with other options: refused unless ``force``.
+    """
+    paths = output_paths(out_dir, item, fmt, pddca_masks)
+    for path in paths.values():
+        if path.exists() and path.resolve() == item.path.resolve():
+            raise HnsegError(f"{path}: is the input itself; choose another --out")
+    rivals = [out_dir / f"{item.case_id}.{other}" for other in FORMATS if other != fmt]
+    rivals.append(out_dir / item.case_id / "structures")
+    for path in rivals:
+        if path.exists():
+            raise HnsegError(f"{path}: another prediction (or file) of case {item.case_id} is there; "
+                             "choose another --out or remove it")
+    if force or not paths["label_map"].exists():
+        return "todo"
+    missing = [path for path in paths.values() if not path.exists()]
+    if missing:
+        raise HnsegError(f"{paths['label_map']}: exists but {missing[0]} does not (an earlier run with other "
+                         "options); pass --force to redo the case or choose another --out")
+    return "done"
+
+
+def remove_dead_staging(out_dir: Path) -> None:
+    """Delete staging folders of killed predict runs (never those of a live process)."""
+    for stage in out_dir.glob(".*-outputs.*.tmp") if out_dir.is_dir() else ():
+        if stage.is_dir() and not owned_by_live_process(stage):
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, args) -> list[tuple[str, str]]:
+    """Predict and write each case; failures as (case id, reason) with --continue-on-error, else raised."""
+    total_seconds, total_slices, failures = 0.0, 0, []
+    for number, item in enumerate(items, 1):
+        started = time.perf_counter()
+        try:
+            seg, written = predict_one(item, predictor, out_dir, args, f"[{number}/{len(items)}] {item.case_id}")
+        except Exception as error:  # noqa: BLE001  (any failure of one case is reported by case)
+            if not args.continue_on_error:
+                raise case_error(item, error) from None
+            failures.append((item.case_id, str(case_error(item, error)).split(": ", 1)[-1]))
+            print(f"[{number}/{len(items)}] {item.case_id}: failed ({failures[-1][1]})", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - started
+        total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
+        print(f"[{number}/{len(items)}] {item.case_id}: {seg.slices} slices, {seconds:.1f} s "
+              f"({seg.slices / max(seg.seconds, 1e-9):.1f} slices/s segmentation) -> "
+              f"{', '.join(str(p) for p in written)}", file=sys.stderr)
+    done = len(items) - len(failures)
+    if done:
+        print(f"predicted {done} case(s) in {total_seconds:.1f} s: {total_seconds / done:.2f} s per case, "
+              f"{total_slices / max(total_seconds, 1e-9):.1f} slices/s overall", file=sys.stderr)
+    return failures
+
+
+def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, label: str):
+    case = layouts.read_ref(item.ref, ())
+    seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
+                       progress=_progress_bar(label))
+    paths = output_paths(out_dir, item, args.format, args.pddca_masks)
+    return seg, write_segmentation(seg, case, paths, args.force, item.series_files)
+
+
+def case_error(item: CaseInput, error: BaseException) -> HnsegError:
+    """One line naming the case for any failure (a TensorFlow op error keeps only its first line)."""
+    if isinstance(error, HnsegError):
+        text = str(error)
+        return error if item.case_id in text or str(item.path) in text else HnsegError(f"case {item.case_id}: {text}")
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return HnsegError(f"case {item.case_id} ({item.path}): {type(error).__name__}: {lines[0][:300] if lines else ''}"
+                      .rstrip(": "))

@@ -267,3 +267,20 @@ def test_plausible_ct_gives_no_warning_and_warnings_reach_stderr(tmp_path, capsy
     read_case(tmp_path / "u8.nrrd")
     err = capsys.readouterr().err
     assert err.startswith("hnseg: warning: ") and "u8.nrrd: voxels are 8-bit unsigned" in err
+
+
+def test_rtstruct_names_hnseg_keras_and_keeps_the_patient(export, tmp_path):
+    import pydicom
+
+    from hnseg_keras import __version__
+    from hnseg_keras.data.cases import write_dicom_series
+
+    ct = np.random.default_rng(0).integers(-1000, 1200, size=(3, 36, 36)).astype(np.int16)
+    series = write_dicom_series(Case("patient7", ct, (1.2, 1.2, 3.0)), tmp_path / "patient7")
+    out = tmp_path / "pred"
+    assert main(["predict", str(series), "--model", str(export), "--out", str(out)]) == 0
+    rtstruct = pydicom.dcmread(out / "patient7_rtstruct.dcm")
+    source = pydicom.dcmread(next(series.iterdir()))
+    assert rtstruct.Manufacturer == "hnseg-keras" and rtstruct.SoftwareVersions == __version__
+    assert rtstruct.PatientID == source.PatientID == "patient7"
+    assert rtstruct.StudyInstanceUID == source.StudyInstanceUID

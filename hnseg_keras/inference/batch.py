@@ -7,22 +7,25 @@ failing case and lists every failure with its reason at the end.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from hnseg_keras.data import layouts
+from hnseg_keras.data.cases import Case, write_label_map
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import owned_by_live_process
+from hnseg_keras.files import owned_by_live_process, refuse_existing, replace_folder, temp_name
+from hnseg_keras.inference import prediction
 from hnseg_keras.inference.prediction import (
     FORMATS,
     CaseInput,
     Predictor,
+    Segmentation,
     _progress_bar,
     output_paths,
     segment_case,
-    write_segmentation,
 )
 
 
@@ -51,6 +54,36 @@ def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, forc
         raise HnsegError(f"{paths['label_map']}: exists but {missing[0]} does not (an earlier run with other "
                          "options); pass --force to redo the case or choose another --out")
     return "done"
+
+
+def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
+                       dicom_series: Path | None = None) -> list[Path]:
+    """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`), all or none.
+
+    Everything is written into a per-process staging folder beside the outputs, then renamed into
+    place with the label map last: a failure leaves nothing, and an existing label map means its
+    case finished. ``force`` replaces existing outputs; without it an existing one is refused.
+    """
+    out_dir = paths["label_map"].parent
+    for key, path in paths.items():
+        if key != "label_map" and path.exists() and not force and not paths["label_map"].exists():
+            continue  # left by a commit that was killed before its label map: ours to replace
+        refuse_existing(path, force)
+    stage = temp_name(out_dir / f"{case.case_id}-outputs")
+    try:
+        staged = {key: stage / path.relative_to(out_dir) for key, path in paths.items()}
+        write_label_map(seg.label_map(), case, staged["label_map"])
+        if "masks" in paths:
+            prediction.write_structures(seg, case, staged["masks"])
+        if "rtstruct" in paths and dicom_series is not None:
+            prediction.write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
+        for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
+            if staged[key].exists():
+                paths[key].parent.mkdir(parents=True, exist_ok=True)
+                (replace_folder if staged[key].is_dir() else os.replace)(staged[key], paths[key])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [path for path in paths.values() if path.exists()]
 
 
 def remove_dead_staging(out_dir: Path) -> None:

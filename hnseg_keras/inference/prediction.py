@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -36,7 +35,6 @@ from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import (
     Case,
     CaseRef,
-    write_label_map,
     write_pddca_case,
 )
 from hnseg_keras.data.organs import catalogue_from, colour_of, flip_permutation, label_value, resolve_organs
@@ -49,7 +47,7 @@ from hnseg_keras.data.slicing import (
     to_field_of_view,
 )
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import FolderLock, refuse_existing, replace_folder, temp_name
+from hnseg_keras.files import FolderLock
 from hnseg_keras.inference import trust
 
 THRESHOLD = 0.5
@@ -343,36 +341,6 @@ def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool) ->
     if item.kind == "dicom":
         paths["rtstruct"] = out_dir / f"{item.case_id}_rtstruct.dcm"
     return paths
-
-
-def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
-                       dicom_series: Path | None = None) -> list[Path]:
-    """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`), all or none.
-
-    Everything is written into a per-process staging folder beside the outputs, then renamed into
-    place with the label map last: a failure leaves nothing, and an existing label map means its
-    case finished. ``force`` replaces existing outputs; without it an existing one is refused.
-    """
-    out_dir = paths["label_map"].parent
-    for key, path in paths.items():
-        if key != "label_map" and path.exists() and not force and not paths["label_map"].exists():
-            continue  # left by a commit that was killed before its label map: ours to replace
-        refuse_existing(path, force)
-    stage = temp_name(out_dir / f"{case.case_id}-outputs")
-    try:
-        staged = {key: stage / path.relative_to(out_dir) for key, path in paths.items()}
-        write_label_map(seg.label_map(), case, staged["label_map"])
-        if "masks" in paths:
-            write_structures(seg, case, staged["masks"])
-        if "rtstruct" in paths and dicom_series is not None:
-            write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
-        for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
-            if staged[key].exists():
-                paths[key].parent.mkdir(parents=True, exist_ok=True)
-                (replace_folder if staged[key].is_dir() else os.replace)(staged[key], paths[key])
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return [path for path in paths.values() if path.exists()]
 
 
 def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = False) -> Path:

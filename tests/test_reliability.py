@@ -284,3 +284,12 @@ def test_rtstruct_names_hnseg_keras_and_keeps_the_patient(export, tmp_path):
     assert rtstruct.Manufacturer == "hnseg-keras" and rtstruct.SoftwareVersions == __version__
     assert rtstruct.PatientID == source.PatientID == "patient7"
     assert rtstruct.StudyInstanceUID == source.StudyInstanceUID
+
+
+def test_verify_command_on_an_export(copy, capsys):
+    assert main(["verify", str(copy)]) == 0
+    assert "model file(s) match metadata.json" in capsys.readouterr().err
+    (copy / "saved_model" / "assets").mkdir(exist_ok=True)
+    (copy / "saved_model" / "assets" / "extra.txt").write_text("x")
+    assert main(["verify", str(copy)]) == 2
+    assert "extra.txt: not written by `hnseg export`" in one_line(capsys)

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
     parser = argparse.ArgumentParser(prog="hnseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hnseg-keras {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     module = None
@@ -38,6 +39,16 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
             module = importlib.import_module(module_name)
             module.add_arguments(sub)
     return parser, module
+
+
+def _version() -> str:
+    """The installed package's version (pip install -e . counts), or "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hnseg-keras")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

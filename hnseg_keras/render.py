@@ -107,3 +107,18 @@ def save_png(picture, path: str | os.PathLike) -> None:
         picture = Image.fromarray(picture)
     with atomic_path(path) as temp:
         picture.save(temp, format="PNG", optimize=True)
+
+
+def fit(image: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """``image`` [H, W, ...] resampled to ``shape`` (rows, columns): order 1 for CT, 0 for masks."""
+    factors = (shape[0] / image.shape[0], shape[1] / image.shape[1]) + (1.0,) * (image.ndim - 2)
+    out = ndimage.zoom(np.asarray(image, np.float32), factors, order=order, grid_mode=True, mode="nearest")
+    return out[: shape[0], : shape[1]]
+
+
+def pad_to(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """uint8 [rows, columns, 3]: ``rgb`` centred on black (it must fit)."""
+    canvas = np.zeros((*shape, 3), np.uint8)
+    top, left = (shape[0] - rgb.shape[0]) // 2, (shape[1] - rgb.shape[1]) // 2
+    canvas[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
+    return canvas

@@ -39,7 +39,7 @@ from hnseg_keras.data.cases import (
     write_label_map,
     write_pddca_case,
 )
-from hnseg_keras.data.organs import flip_permutation, label_value, resolve_organs
+from hnseg_keras.data.organs import colour_of, flip_permutation, label_value, resolve_organs
 from hnseg_keras.data.slicing import (
     AIR_HU,
     SlicingConfig,
@@ -49,6 +49,8 @@ from hnseg_keras.data.slicing import (
     to_field_of_view,
 )
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inference import slicer, visual
+from hnseg_keras.progress import Progress
 
 THRESHOLD = 0.5
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
@@ -317,7 +319,7 @@ def find_inputs(path: str | os.PathLike, split: str | None = None) -> list[CaseI
 
 def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool) -> dict[str, Path]:
     """The files one case will produce."""
-    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}"}
+    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}"}
     if pddca_masks:
         paths["masks"] = out_dir / "masks" / item.case_id
     if item.kind == "dicom":
@@ -349,6 +351,8 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
     written = [write_label_map(seg.label_map(), case, paths["label_map"], overwrite=force)]
     if "masks" in paths:
         written.append(write_structures(seg, case, paths["masks"], force))
+    if "slicer" in paths:
+        written.append(slicer.write_segmentation(seg.label_map(), seg.organs, case, paths["slicer"], force))
     if "rtstruct" in paths and dicom_series is not None:
         written.append(write_rtstruct(seg, case, dicom_series, paths["rtstruct"], force))
     return written
@@ -380,7 +384,7 @@ def write_rtstruct(seg: Segmentation, case: Case, series_dir: Path, path: Path, 
     for o, name in enumerate(seg.organs):
         if seg.masks[o].any():
             volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
-            rtstruct.add_roi(mask=volume, name=name, description="hnseg-keras prediction")
+            rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name)), description="hnseg-keras prediction")
     rtstruct.set_series_description("hnseg-keras prediction")
     tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
     try:
@@ -433,6 +437,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="slices per inference batch (default 8)")
     parser.add_argument("--split", choices=("train", "validation", "test"),
                         help="with a dataset folder: predict only this split")
+    parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
     parser.add_argument("--force", action="store_true", help="replace existing outputs")
 
 
@@ -445,7 +450,9 @@ def run(args: argparse.Namespace) -> int:
         raise HnsegError(f"{out_dir}: is a file; give a folder for --out")
     for item in items:
         check_outputs(out_dir, item, args.format, args.pddca_masks, args.force)
+    previews = visual.preview_paths(out_dir, [item.case_id for item in items], args.force) if args.preview else {}
     predictor = load_predictor(args.model)
+    progress = Progress("predict", len(items))
     total_seconds, total_slices = 0.0, 0
     for number, item in enumerate(items, 1):
         started = time.perf_counter()
@@ -454,13 +461,14 @@ def run(args: argparse.Namespace) -> int:
                            progress=_progress_bar(f"[{number}/{len(items)}] {item.case_id}"))
         paths = output_paths(out_dir, item, args.format, args.pddca_masks)
         written = write_segmentation(seg, case, paths, args.force, item.path if item.kind == "dicom" else None)
+        if args.preview:
+            written.append(visual.write_case_preview(case, seg, previews[item.case_id], args.force))
         seconds = time.perf_counter() - started
         total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
-        print(f"[{number}/{len(items)}] {case.case_id}: {seg.slices} slices, {seconds:.1f} s "
-              f"({seg.slices / max(seg.seconds, 1e-9):.1f} slices/s segmentation) -> "
-              f"{', '.join(str(p) for p in written)}", file=sys.stderr)
-    print(f"predicted {len(items)} case(s) in {total_seconds:.1f} s: {total_seconds / len(items):.2f} s per case, "
-          f"{total_slices / max(total_seconds, 1e-9):.1f} slices/s overall", file=sys.stderr)
+        progress.step(case.case_id, f"{seg.slices} slices, {seconds:.1f} s ({seg.slices / max(seg.seconds, 1e-9):.1f} "
+                      f"slices/s segmentation) -> {', '.join(str(p) for p in written)}")
+    progress.finish(f"{total_seconds / len(items):.2f} s per case, {total_slices / max(total_seconds, 1e-9):.1f} "
+                    f"slices/s overall; label maps, Slicer .seg.nrrd files{' and previews' if previews else ''} in {out_dir}")
     return 0
 
 

@@ -8,6 +8,7 @@ the same picture with ground truth beside the prediction.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ def slice_positions(masks: np.ndarray, axis: int, count: int) -> list[int]:
     size = masks.shape[axis + 1]
     occupied = np.flatnonzero(masks.any(axis=tuple(a for a in range(4) if a != axis + 1)))
     low, high = (int(occupied[0]), int(occupied[-1])) if occupied.size else (0, size - 1)
-    return sorted({int(round(low + (high - low) * (i + 1) / (count + 1))) for i in range(count)})
+    return sorted({int(math.floor(low + (high - low) * (i + 1) / (count + 1) + 0.5)) for i in range(count)})
 
 
 def view_slice(ct: np.ndarray, masks: np.ndarray, view: str, index: int) -> tuple[np.ndarray, np.ndarray]:

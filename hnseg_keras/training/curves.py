@@ -31,6 +31,7 @@ def _series(history: list[dict[str, float]], key: str) -> tuple[list[int], list[
 def curves_figure(history: list[dict[str, float]], organs: Sequence[str]):
     """A matplotlib Figure of ``history`` (rows of history.csv): loss, validation Dice, learning rate."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(7.0, 7.5), dpi=80, layout="constrained")
     loss_ax, dice_ax, rate_ax = figure.subplots(3, 1, sharex=True)
@@ -39,7 +40,7 @@ def curves_figure(history: list[dict[str, float]], organs: Sequence[str]):
     loss_ax.set_ylabel("loss")
     for organ in organs:
         colour = [c / 255 for c in organ_colour(organ)]
-        dice_ax.plot(*_series(history, f"val_dice_{organ}"), color=colour, label=organ)
+        dice_ax.plot(*_series(history, f"val_dice_{organ}"), "o-", color=colour, linewidth=2, markersize=4, label=organ)
     dice_ax.plot(*_series(history, "val_dice"), color="black", linewidth=2, label="mean")
     dice_ax.set_ylabel("validation Dice")
     dice_ax.set_ylim(0.0, 1.0)
@@ -49,6 +50,7 @@ def curves_figure(history: list[dict[str, float]], organs: Sequence[str]):
         rate_ax.set_yscale("log")
     rate_ax.set_ylabel("learning rate")
     rate_ax.set_xlabel("epoch")
+    rate_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (loss_ax, dice_ax, rate_ax):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

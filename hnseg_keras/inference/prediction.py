@@ -12,7 +12,9 @@ first remaining organ in channel order wins. Per-organ masks (``--pddca-masks``)
 
 Outputs in ``--out``: ``<case>.nrrd`` (or ``.nii.gz``) label map with catalogue label values,
 ``masks/<case>/structures/<Organ>.nrrd`` (``--pddca-masks``; a separate folder so ``hnseg
-evaluate`` sees one prediction per case) and ``<case>_rtstruct.dcm`` for a DICOM series input.
+evaluate`` sees one prediction per case), ``<case>_rtstruct.dcm`` for a DICOM series input,
+``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``) and,
+with ``--preview``, ``preview/<case>.png`` (``visual.py``).
 """
 
 from __future__ import annotations
@@ -348,11 +350,12 @@ def check_outputs(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, f
 def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
                        dicom_series: Path | None = None) -> list[Path]:
     """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`)."""
-    written = [write_label_map(seg.label_map(), case, paths["label_map"], overwrite=force)]
+    labels = seg.label_map()
+    written = [write_label_map(labels, case, paths["label_map"], overwrite=force)]
     if "masks" in paths:
         written.append(write_structures(seg, case, paths["masks"], force))
     if "slicer" in paths:
-        written.append(slicer.write_segmentation(seg.label_map(), seg.organs, case, paths["slicer"], force))
+        written.append(slicer.write_segmentation(labels, seg.organs, case, paths["slicer"], force))
     if "rtstruct" in paths and dicom_series is not None:
         written.append(write_rtstruct(seg, case, dicom_series, paths["rtstruct"], force))
     return written

@@ -46,7 +46,7 @@ def curves_figure(history: list[dict[str, float]], organs: Sequence[str]):
     dice_ax.set_ylim(0.0, 1.0)
     epochs, rates = _series(history, "learning_rate")
     rate_ax.plot(epochs, rates, color="black")
-    if rates and min(rates) > 0:
+    if rates and min(rates) > 0 and max(rates) > 2 * min(rates):  # a constant rate reads better on a linear axis
         rate_ax.set_yscale("log")
     rate_ax.set_ylabel("learning rate")
     rate_ax.set_xlabel("epoch")

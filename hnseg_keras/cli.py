@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
     parser = argparse.ArgumentParser(prog="hnseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hnseg-keras {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     module = None
@@ -64,6 +65,14 @@ def op_error_line(error: BaseException) -> str | None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:400] if lines else 'no message'}"
+def _version() -> str:
+    """The installed package's version (pip install -e . counts), or "unknown"."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hnseg-keras")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,9 +45,9 @@ def main() -> int:
     test_cases = manifest.parent / "phantom-cases" / "test"
     organs = json.loads(manifest.read_text())["organs"]
     step("export", ["export", str(run), "--out", str(model)])
-    step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions)])
+    step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions), "--preview"])
     step("evaluate", ["evaluate", "--pred", str(predictions), "--gt", str(test_cases),
-                      "--organs", *organs, "--out", str(out / "evaluation")])
+                      "--organs", *organs, "--out", str(out / "evaluation"), "--plots"])
     total = time.perf_counter() - started
     print(f"\ndemo finished in {total / 60:.1f} min (training {(trained - started) / 60:.1f} min); "
           f"everything is in {out}", file=sys.stderr)

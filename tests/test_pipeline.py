@@ -180,15 +180,16 @@ def test_augment_rejects_a_crop_larger_than_the_slices():
 
 
 def test_render_tile_draws_each_organ_contour_in_its_colour():
-    from hnseg_keras.inputs.preview import PALETTE, render_tile
+    from hnseg_keras.inputs.preview import render_tile
+    from hnseg_keras.render import organ_colour
 
     image = np.full((12, 12, 3), 20.0, np.float32)  # centre channel at the window's middle -> gray 128
     masks = np.zeros((12, 12, 2), np.float32)
     masks[2:7, 2:7, 0] = 1  # 5x5 square: 16 boundary pixels, 9 interior
-    tile = render_tile(image, masks, (-155.0, 195.0))
-    coloured = np.all(tile == PALETTE[0], axis=-1)
+    tile = render_tile(image, masks, ["BrainStem", "Parotid_L"], (-155.0, 195.0))
+    coloured = np.all(tile == organ_colour("BrainStem"), axis=-1)
     assert coloured.sum() == 16 and not coloured[4, 4] and coloured[2, 2]
-    assert np.all(tile[4, 4] == 128) and not np.any(np.all(tile == PALETTE[1], axis=-1))
+    assert np.all(tile[4, 4] == 128) and not np.any(np.all(tile == organ_colour("Parotid_L"), axis=-1))
 
 
 def test_preview_cli_writes_a_grid_and_refuses_to_overwrite(tmp_path, capsys):

@@ -19,7 +19,7 @@ from keras import layers, ops
 from hnseg_keras import configs
 from hnseg_keras.cli import main
 from hnseg_keras.data.cases import Case, image_like, write_dicom_series, write_pddca_case
-from hnseg_keras.data.organs import label_value
+from hnseg_keras.data.organs import colour_of, label_value
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.inference.prediction import Predictor, keep_largest_component, load_predictor, segment_case
 
@@ -148,9 +148,10 @@ def test_cli_predicts_pddca_dataset_into_label_maps_and_masks(tmp_path, oracle_f
     write_pddca_case(other, tmp_path / "data" / "train" / "case_b")
     out = tmp_path / "pred"
     code = main(["predict", str(tmp_path / "data"), "--model", str(oracle_file), "--out", str(out),
-                 "--split", "test", "--pddca-masks", "--format", "nii.gz"])
+                 "--split", "test", "--pddca-masks", "--format", "nii.gz", "--preview"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "masks"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_a.seg.nrrd", "masks", "preview"]
+    assert [p.name for p in (out / "preview").iterdir()] == ["case_a.png"]
     labels = sitk.ReadImage(str(out / "case_a.nii.gz"))
     assert labels.GetSize() == (SIZE, SIZE, DEPTH)
     np.testing.assert_allclose(labels.GetSpacing(), SPACING)
@@ -170,12 +171,15 @@ def test_cli_writes_rtstruct_for_dicom_series(tmp_path, oracle_file, capsys):
     series = write_dicom_series(case, tmp_path / "dicom_case")
     out = tmp_path / "pred"
     assert main(["predict", str(series), "--model", str(oracle_file), "--out", str(out)]) == 0
-    assert "1 case(s)" in capsys.readouterr().err
+    assert "predict: 1 case in" in capsys.readouterr().err
     rtstruct = RTStructBuilder.create_from(str(series), str(out / "dicom_case_rtstruct.dcm"))
     assert sorted(rtstruct.get_roi_names()) == sorted(ORGANS)
     for name in ORGANS:
         mask = rtstruct.get_roi_mask_by_name(name)  # [rows, cols, slices], slices by position (= z here)
         assert dice(np.moveaxis(mask, -1, 0), truth[name]) >= 0.9, name
+    names = {int(roi.ROINumber): roi.ROIName for roi in rtstruct.ds.StructureSetROISequence}
+    for contour in rtstruct.ds.ROIContourSequence:  # the catalogue's colour, as in previews and Slicer
+        assert tuple(int(c) for c in contour.ROIDisplayColor) == colour_of(names[int(contour.ReferencedROINumber)])
 
 
 def one_line_error(capsys) -> str:

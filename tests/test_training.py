@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from hnseg_keras import cli, configs
+from hnseg_keras import cli, configs, render
 from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
@@ -152,14 +152,6 @@ def test_history_helpers(tmp_path):
     assert cb.read_history(tmp_path / "missing.csv") == [] and cb.best_row([]) is None
 
 
-def test_contour_is_the_inner_outline():
-    mask = np.zeros((7, 7), bool)
-    mask[1:6, 1:6] = True  # 5x5 square: 16 outline pixels, 3x3 interior
-    outline = cb.contour(mask)
-    assert outline.sum() == 16 and not outline[2:5, 2:5].any() and outline[1, 1:6].all()
-    assert cb.contour(np.ones((3, 3), bool)).sum() == 8  # the image border counts as outside
-
-
 def test_validation_images_render_truth_left_and_prediction_right():
     x = np.full((1, 8, 8, 1), 20.0, np.float32)  # mid-window grey
     masks = np.zeros((1, 8, 8, 1), np.float32)
@@ -170,8 +162,8 @@ def test_validation_images_render_truth_left_and_prediction_right():
     callback = cb.ValidationImages(tf.data.Dataset.from_tensors((x, y)), ["Mandible"], "/unused", count=1)
     image = callback.render(x[0], masks[0], np.zeros((8, 8, 1), bool))
     assert image.shape == (8, 16, 3) and image.dtype == np.uint8
-    colour = cb.PALETTE[2]  # Mandible has label 3
-    assert (image[:, :8][cb.contour(masks[0, ..., 0] > 0)] == colour).all()
+    colour = render.organ_colour("Mandible")  # the catalogue's colour, as everywhere else
+    assert (image[:, :8][render.contour(masks[0, ..., 0] > 0)] == colour).all()
     assert (image[2, 8 + 2] == image[0, 0]).all()  # nothing predicted: right panel is plain CT
 
 

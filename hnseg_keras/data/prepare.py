@@ -46,6 +46,7 @@ from hnseg_keras.data.shards import (
 from hnseg_keras.data.slicing import SlicingConfig, compute_transform, slice_case
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import LOCK_NAME, FolderLock, owned_by_live_process
+from hnseg_keras.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -307,13 +308,15 @@ def _convert_all(out: Path, refs: list, config: PrepareConfig, assignment: dict[
             for ref in refs if ref.case_id not in done]
     if done:
         print(f"skipping {len(done)} finished case(s) (shards verified)", file=sys.stderr)
-    for number, (data, seconds) in enumerate(_run_jobs(jobs, workers), start=len(done) + 1):
+    progress = Progress("prepare", len(jobs))
+    for data, seconds in _run_jobs(jobs, workers):
         record = CaseRecord.from_dict(data)
         done[record.case_id] = record
         megabytes = sum(info.bytes for info in record.shards) / 1e6
-        print(f"[{number}/{len(refs)}] {record.case_id} ({record.split}): {record.slices} slices, "
-              f"{len(record.shards)} shard(s), {megabytes:.1f} MB, {seconds:.1f} s", file=sys.stderr, flush=True)
+        progress.step(record.case_id, f"{record.split}, {record.slices} slices, {len(record.shards)} shard(s), "
+                      f"{megabytes:.1f} MB, {seconds:.1f} s")
         Manifest.from_records(list(done.values()), **fields).save(out / "manifest.json")
+    progress.finish(f"shards and manifest.json in {out}")
     manifest = Manifest.from_records(list(done.values()), complete=True, **fields)
     manifest.save(out / "manifest.json")
     return manifest

@@ -34,6 +34,8 @@ from scipy import ndimage
 from hnseg_keras.data import layouts
 from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.evaluation import plots
+from hnseg_keras.progress import Progress
 
 METRICS = ("dice", "hd95_mm", "asd_mm", "surface_dice")
 DEFINITIONS = {
@@ -328,12 +330,14 @@ def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: s
 def _run_tasks(tasks: list[tuple], workers: int) -> dict[str, dict]:
     """Run the per-case tasks (in worker processes when workers > 1), printing progress to stderr."""
     results, count = {}, len(tasks)
+    progress = Progress("evaluate", count)
     parallel = workers > 1 and count > 1
     with ProcessPoolExecutor(max_workers=min(workers, count)) if parallel else nullcontext() as pool:
         outputs = pool.map(_evaluate_one, tasks) if parallel else map(_evaluate_one, tasks)
-        for i, (case_id, metrics, seconds) in enumerate(outputs, 1):
+        for case_id, metrics, seconds in outputs:
             results[case_id] = metrics
-            print(f"evaluate [{i}/{count}] {case_id} ({seconds:.1f} s)", file=sys.stderr)
+            progress.step(case_id, f"{seconds:.1f} s")
+    progress.finish()
     return results
 
 
@@ -465,6 +469,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--allow-missing", action="store_true", help="skip ground-truth cases without prediction")
     parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (cases)")
     layouts.add_arguments(parser)
+    parser.add_argument("--plots", action="store_true", help="also write box plots per organ and metric (PNG)")
 
 
 def run(args) -> int:
@@ -476,7 +481,8 @@ def run(args) -> int:
         raise HnsegError(f"{args.gt}: ground-truth folder not found; give the dataset root with the case folders")
     results = evaluate(args.pred, args.gt, args.organs, args.protocol, max(1, args.workers), args.allow_missing,
                        layouts.reading_from_args(args))
-    write_results(results, out_dir, force=args.force)
+    written = [p.name for p in write_results(results, out_dir, force=args.force)]
+    written += [p.name for p in plots.write_all(results, out_dir, args.plots)]
     print(format_markdown(results), end="")
-    print(f"evaluate: wrote {', '.join(RESULT_FILES)} to {out_dir}", file=sys.stderr)
+    print(f"evaluate: wrote {', '.join(written)} to {out_dir}", file=sys.stderr)
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import Case, write_label_map
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import owned_by_live_process, refuse_existing, replace_folder, temp_name
-from hnseg_keras.inference import prediction
+from hnseg_keras.inference import prediction, slicer, visual
 from hnseg_keras.inference.prediction import (
     FORMATS,
     CaseInput,
@@ -27,9 +26,11 @@ from hnseg_keras.inference.prediction import (
     output_paths,
     segment_case,
 )
+from hnseg_keras.progress import Progress
 
 
-def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, force: bool) -> str:
+def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, force: bool,
+               preview: bool = False) -> str:
     """``"todo"`` or ``"done"`` (every output there: skipped unless ``force``) for one case.
 
     Refuses, always, anything that would overwrite the input or leave ``hnseg evaluate`` two
@@ -37,7 +38,7 @@ def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, forc
     never deleted, since they may be the user's own files. The label map is committed last, so one
     without the other requested outputs is an earlier run with other options: refused unless ``force``.
     """
-    paths = output_paths(out_dir, item, fmt, pddca_masks)
+    paths = output_paths(out_dir, item, fmt, pddca_masks, preview)
     for path in paths.values():
         if path.exists() and path.resolve() == item.path.resolve():
             raise HnsegError(f"{path}: is the input itself; choose another --out")
@@ -72,7 +73,11 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
     stage = temp_name(out_dir / f"{case.case_id}-outputs")
     try:
         staged = {key: stage / path.relative_to(out_dir) for key, path in paths.items()}
-        write_label_map(seg.label_map(), case, staged["label_map"])
+        labels = seg.label_map()
+        write_label_map(labels, case, staged["label_map"])
+        slicer.write_segmentation(labels, seg.organs, case, staged["slicer"], catalogue=seg.catalogue)
+        if "preview" in paths:
+            visual.write_case_preview(case, seg, staged["preview"])
         if "masks" in paths:
             prediction.write_structures(seg, case, staged["masks"])
         if "rtstruct" in paths and dicom_series is not None:
@@ -96,6 +101,7 @@ def remove_dead_staging(out_dir: Path) -> None:
 def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, args) -> list[tuple[str, str]]:
     """Predict and write each case; failures as (case id, reason) with --continue-on-error, else raised."""
     total_seconds, total_slices, failures = 0.0, 0, []
+    progress = Progress("predict", len(items))
     for number, item in enumerate(items, 1):
         started = time.perf_counter()
         try:
@@ -104,17 +110,16 @@ def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, arg
             if not args.continue_on_error:
                 raise case_error(item, error) from None
             failures.append((item.case_id, str(case_error(item, error)).split(": ", 1)[-1]))
-            print(f"[{number}/{len(items)}] {item.case_id}: failed ({failures[-1][1]})", file=sys.stderr)
+            progress.step(item.case_id, f"failed ({failures[-1][1]})")
             continue
         seconds = time.perf_counter() - started
         total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
-        print(f"[{number}/{len(items)}] {item.case_id}: {seg.slices} slices, {seconds:.1f} s "
-              f"({seg.slices / max(seg.seconds, 1e-9):.1f} slices/s segmentation) -> "
-              f"{', '.join(str(p) for p in written)}", file=sys.stderr)
+        progress.step(item.case_id, f"{seg.slices} slices, {seconds:.1f} s ({seg.slices / max(seg.seconds, 1e-9):.1f} "
+                      f"slices/s segmentation) -> {', '.join(str(p) for p in written)}")
     done = len(items) - len(failures)
-    if done:
-        print(f"predicted {done} case(s) in {total_seconds:.1f} s: {total_seconds / done:.2f} s per case, "
-              f"{total_slices / max(total_seconds, 1e-9):.1f} slices/s overall", file=sys.stderr)
+    progress.finish(f"{total_seconds / max(done, 1):.2f} s per case, {total_slices / max(total_seconds, 1e-9):.1f} "
+                    f"slices/s overall; label maps, Slicer .seg.nrrd files{' and previews' if args.preview else ''} "
+                    f"in {out_dir}" + (f"; {len(failures)} failed" if failures else ""))
     return failures
 
 
@@ -122,7 +127,7 @@ def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, labe
     case = layouts.read_ref(item.ref, ())
     seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
                        progress=_progress_bar(label))
-    paths = output_paths(out_dir, item, args.format, args.pddca_masks)
+    paths = output_paths(out_dir, item, args.format, args.pddca_masks, args.preview)
     return seg, write_segmentation(seg, case, paths, args.force, item.series_files)
 
 

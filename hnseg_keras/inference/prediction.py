@@ -12,7 +12,9 @@ first remaining organ in channel order wins. Per-organ masks (``--pddca-masks``)
 
 Outputs in ``--out``: ``<case>.nrrd`` (or ``.nii.gz``) label map with catalogue label values,
 ``masks/<case>/structures/<Organ>.nrrd`` (``--pddca-masks``; a separate folder so ``hnseg
-evaluate`` sees one prediction per case) and ``<case>_rtstruct.dcm`` for a DICOM series input.
+evaluate`` sees one prediction per case), ``<case>_rtstruct.dcm`` for a DICOM series input,
+``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``) and,
+with ``--preview``, ``preview/<case>.png`` (``visual.py``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from hnseg_keras.data.slicing import (
 )
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
-from hnseg_keras.inference import trust
+from hnseg_keras.inference import slicer, trust
 
 THRESHOLD = 0.5
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
@@ -333,9 +335,12 @@ def find_inputs(path: str | os.PathLike, split: str | None = None,
     return items
 
 
-def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool) -> dict[str, Path]:
+def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
+                 preview: bool = False) -> dict[str, Path]:
     """The files one case will produce."""
-    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}"}
+    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}"}
+    if preview:
+        paths["preview"] = out_dir / "preview" / f"{item.case_id}.png"
     if pddca_masks:
         paths["masks"] = out_dir / "masks" / item.case_id
     if item.kind == "dicom":
@@ -445,6 +450,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--continue-on-error", action="store_true",
                         help="go on past a case that fails; list the failures at the end (exit status 1)")
     layouts.add_arguments(parser, organ_options=False)
+    parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -457,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
     from hnseg_keras.inference import batch
 
     todo = [item for item in items
-            if batch.case_state(out_dir, item, args.format, args.pddca_masks, args.force) == "todo"]
+            if batch.case_state(out_dir, item, args.format, args.pddca_masks, args.force,
+                                     args.preview) == "todo"]
     if len(todo) < len(items):
         print(f"skipping {len(items) - len(todo)} finished case(s) in {out_dir} (--force redoes them)", file=sys.stderr)
     if not todo:

@@ -10,76 +10,36 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from hnseg_keras import configs
+from hnseg_keras import configs, render
 from hnseg_keras.errors import HnsegError
-
-# Distinct, colour-blind-aware colours (Okabe-Ito plus extras), one per organ channel.
-PALETTE: tuple[tuple[int, int, int], ...] = (
-    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),
-    (204, 121, 167), (255, 255, 255), (255, 0, 0), (0, 255, 0), (160, 32, 240), (0, 255, 255),
-)
-LEGEND_ROW_PX = 18
+from hnseg_keras.files import refuse_existing
 
 
-def contours(mask: np.ndarray) -> np.ndarray:
-    """bool [H, W]: the pixels of a binary mask that touch the background (4-neighbourhood)."""
-    from scipy import ndimage
-
-    mask = np.asarray(mask) > 0.5
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
-
-
-def to_gray(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """uint8 [H, W] of an HU slice mapped linearly from ``window`` to 0..255."""
-    low, high = window
-    scaled = (np.asarray(image, np.float64) - low) / (high - low)
-    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def render_tile(image: np.ndarray, masks: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+def render_tile(image: np.ndarray, masks: np.ndarray, organs: Sequence[str],
+                window: tuple[float, float]) -> np.ndarray:
     """uint8 RGB [H, W, 3]: centre channel of ``image`` [H,W,C] in gray with each organ's contour.
 
-    masks [H, W, O] in {0, 1}.
+    masks [H, W, O] in {0, 1}, channel ``o`` is ``organs[o]`` (its catalogue colour).
     """
-    gray = to_gray(image[..., image.shape[-1] // 2], window)
-    rgb = np.repeat(gray[..., None], 3, axis=-1)
-    for organ in range(masks.shape[-1]):
-        rgb[contours(masks[..., organ])] = PALETTE[organ % len(PALETTE)]
-    return rgb
+    return render.overlay(image[..., image.shape[-1] // 2], masks, organs, window)
 
 
 def render_grid(images: np.ndarray, masks: np.ndarray, organs: Sequence[str], window: tuple[float, float],
                 lams: np.ndarray | None = None):
     """PIL RGB image: tiles of ``images`` [N,H,W,C] with ``masks`` [N,H,W,O], a legend of ``organs`` below."""
-    from PIL import Image, ImageDraw
-
-    count, height, width = images.shape[:3]
-    columns = math.ceil(math.sqrt(count))
-    rows = math.ceil(count / columns)
-    legend_columns = max(1, (columns * width) // 150)
-    legend_rows = math.ceil(len(organs) / legend_columns)
-    canvas = Image.new("RGB", (columns * width, rows * height + legend_rows * LEGEND_ROW_PX + 4), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for index in range(count):
-        left, top = (index % columns) * width, (index // columns) * height
-        canvas.paste(Image.fromarray(render_tile(images[index], masks[index], window)), (left, top))
+    tiles = []
+    for index in range(images.shape[0]):
+        tile = render_tile(images[index], masks[index], organs, window)
         if lams is not None:
-            label = "" if lams[index] >= 0.5 else " (partner outlined)"
-            draw.text((left + 3, top + 2), f"lam={float(lams[index]):.2f}{label}", fill=(255, 255, 0))
-    for index, name in enumerate(organs):
-        left = (index % legend_columns) * 150 + 4
-        top = rows * height + 4 + (index // legend_columns) * LEGEND_ROW_PX
-        draw.rectangle((left, top + 2, left + 11, top + 13), fill=PALETTE[index % len(PALETTE)])
-        draw.text((left + 16, top + 1), name, fill=(255, 255, 255))
-    return canvas
+            note = "" if lams[index] >= 0.5 else " (partner outlined)"
+            tile = render.label(tile, f"lam={float(lams[index]):.2f}{note}")
+        tiles.append(tile)
+    return render.with_legend(render.mosaic(tiles, gap=0), organs)
 
 
 def preview_batch(manifest_path, count: int, seed: int, augment_config, split: str = "train"):
@@ -106,21 +66,6 @@ def preview_batch(manifest_path, count: int, seed: int, augment_config, split: s
     return np.asarray(x), masks, lams, list(manifest.organs)
 
 
-def write_png_atomic(image, path: Path, force: bool) -> None:
-    """Save a PIL image to ``path`` through a temporary file in the same folder; refuse to overwrite."""
-    if path.exists() and not force:
-        raise HnsegError(f"{path}: exists; choose another --out or pass --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="manifest.json (or its folder) written by `hnseg prepare`")
     parser.add_argument("--out", required=True, help="PNG file to write")
@@ -139,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise HnsegError(f"--out {out}: give a .png file name")
-    if out.exists() and not args.force:
-        raise HnsegError(f"{out}: exists; choose another --out or pass --force to overwrite")
+    refuse_existing(out, args.force)
     if args.count < 1:
         raise HnsegError(f"--count {args.count}: give at least 1")
     manifest = Manifest.load(args.data)
@@ -149,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, crop_size=min(manifest.image_shape[:2]))
     images, masks, lams, organs = preview_batch(args.data, args.count, args.seed, config, args.split)
     window = config.window if config.window is not None else HU_RANGE
-    write_png_atomic(render_grid(images, masks, organs, window, lams), out, args.force)
+    render.save_png(render_grid(images, masks, organs, window, lams), out)
     print(f"wrote {out}: {images.shape[0]} augmented {args.split} slices, {len(organs)} organs")
     return 0

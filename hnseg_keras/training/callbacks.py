@@ -17,20 +17,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
-from scipy import ndimage
 
-from hnseg_keras import configs
-from hnseg_keras.data.organs import CATALOGUE
+from hnseg_keras import configs, render
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import LOCK_NAME
 from hnseg_keras.inputs.targets import unpack_targets
-
-# Contour colours (RGB) by catalogue label value - 1; distinct on a grey CT.
-PALETTE = np.array([
-    (255, 64, 64), (255, 255, 0), (64, 160, 255), (255, 128, 0), (0, 255, 128), (255, 0, 255),
-    (0, 255, 255), (160, 255, 64), (255, 160, 200), (128, 128, 255), (255, 220, 128), (64, 255, 64),
-], dtype=np.uint8)
-
 
 # ----------------------------------------------------------------------------- history.csv
 
@@ -318,22 +309,9 @@ class ValidationImages(keras.callbacks.Callback):
 
         x: [H, W, C] HU; truth: [H, W, O] in {0, 1} (unannotated organs all 0); predicted: bool [H, W, O].
         """
-        low, high = self.window
         centre = x[..., x.shape[-1] // 2]
-        grey = np.clip((centre - low) / (high - low), 0.0, 1.0)
-        base = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
-        panels = [base.copy(), base.copy()]
-        for channel, name in enumerate(self.organs):
-            colour = PALETTE[(CATALOGUE[name].label - 1) % len(PALETTE)] if name in CATALOGUE else PALETTE[0]
-            for panel, mask in zip(panels, (truth[..., channel] > 0.5, predicted[..., channel]), strict=True):
-                panel[contour(mask)] = colour
-        return np.concatenate(panels, axis=1)
-
-
-def contour(mask: np.ndarray) -> np.ndarray:
-    """bool [H, W]: pixels of ``mask`` with a 4-neighbour outside it (image border counts as outside)."""
-    mask = np.asarray(mask, bool)
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+        return np.concatenate([render.overlay(centre, truth, self.organs, self.window),
+                               render.overlay(centre, predicted, self.organs, self.window)], axis=1)
 
 
 def _pick_slices(dataset, num_organs: int, count: int, scan_batches: int):

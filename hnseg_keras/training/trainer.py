@@ -53,7 +53,7 @@ from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
 from hnseg_keras.model.metrics import dice_metrics
 from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
 from hnseg_keras.training import callbacks as cb
-from hnseg_keras.training import resume
+from hnseg_keras.training import curves, resume
 
 VARIANT_NAMES = ("S", "M", "L")
 DEMO_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R", "Submandibular_L", "Submandibular_R")
@@ -508,6 +508,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
                             window=config.augment.window or (-160.0, 240.0)),
         keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False, profile_batch=0),
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
+        curves.TrainingCurves(run / "history.csv", run / curves.FILE_NAME, organs),
     ]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from hnseg_keras import cli, configs
+from hnseg_keras.data import demo_set
 from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
@@ -292,7 +293,10 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
 
 def test_phantom_demo_config_file_is_the_s_preset():
     """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
-    assert training.load_config(None, REPO / "configs" / "phantom_demo.json") == training.preset("S")
+    data, phantom = cli.read_config_file(REPO / "configs" / "phantom_demo.json")
+    assert training.config_from_dict(None, data) == training.preset("S")
+    assert demo_set.phantom_settings("S", phantom) == demo_set.demo_phantom()
+    assert demo_set.phantom_settings("S", {"cases": 8}).prepare == demo_set.demo_phantom().prepare
 
 
 # ----------------------------------------------------------------------------- schedule and budget

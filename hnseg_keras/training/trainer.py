@@ -1,4 +1,4 @@
-"""``hnseg train``: fit the residual U-Net on prepared shards (or the built-in phantom) into a run folder.
+"""``hnseg train``: fit the residual U-Net on prepared data into a run folder.
 
 Run folder::
 
@@ -16,10 +16,8 @@ different configuration is refused.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -33,10 +31,7 @@ import keras
 import tensorflow as tf
 
 from hnseg_keras import configs
-from hnseg_keras.data.phantom import PhantomConfig
-from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
 from hnseg_keras.data.shards import Manifest
-from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs.augment import AugmentConfig
 from hnseg_keras.inputs.pipeline import (
@@ -53,7 +48,6 @@ from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
 from hnseg_keras.training import callbacks as cb
 
 VARIANT_NAMES = ("S", "M", "L")
-DEMO_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R", "Submandibular_L", "Submandibular_R")
 
 
 @dataclass(frozen=True)
@@ -64,25 +58,6 @@ class LossConfig:
     dice_weight: float = 1.0
     boundary_weight: float = 0.0
     boundary_ramp_epochs: int = 0
-
-
-@dataclass(frozen=True)
-class PhantomDataConfig:
-    """The built-in phantom data set, prepared on first use when ``TrainConfig.data`` is None.
-
-    Attributes:
-        cases: number of phantom cases (split into train / validation by ``prepare``).
-        generator: phantom geometry (in-plane size and spacing, slice spacing, ...).
-        prepare: organs and slicing of the shards.
-        cache_dir: parent folder of the prepared shards; the data set lives in
-            ``<cache_dir>/phantom-<hash of the settings>`` and is reused while its manifest is complete.
-        workers: processes used by ``prepare``.
-    """
-    cases: int = 16
-    generator: PhantomConfig = field(default_factory=PhantomConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    cache_dir: str = "tfrecords"
-    workers: int = 2
 
 
 LR_SCHEDULES = ("plateau", "cosine")
@@ -109,8 +84,8 @@ class TrainConfig:
         max_train_minutes: wall-time budget counted from the start of ``train`` (earlier sessions of a
             resumed run count with their epoch times); training stops after the epoch that would
             otherwise end past it. None: ``epochs`` alone decides.
-        data: manifest.json (or its folder) of prepared shards; None prepares and uses ``phantom``.
-        phantom: the built-in data set used when ``data`` is None.
+        data: manifest.json (or its folder) of prepared shards, or an ``hnseg arrays`` .npz file
+            (None: the command line prepares the built-in phantom and fills this in).
         out: run folder; None gives ``runs/<data name>-<variant>``.
         seed: weight initialisation seed (``pipeline.seed`` drives data order and augmentation).
         mixed_precision: train with the ``mixed_float16`` policy (GPU; float32 output layer).
@@ -130,7 +105,6 @@ class TrainConfig:
     lr_patience: int = 10
     max_train_minutes: float | None = None
     data: str | None = None
-    phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
     out: str | None = None
     seed: int = 0
     mixed_precision: bool = False
@@ -161,20 +135,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- presets and loading
 
 
-def demo_phantom() -> PhantomDataConfig:
-    """Small phantom for the CPU demo (S preset): 16 cases, 112 px slices of 2 mm, six organs.
-
-    At 2 mm the optic nerves and chiasm are 1-2 pixels wide, more than a few CPU minutes can learn, so
-    the demo trains the brain stem, mandible, parotids and submandibular glands.
-    """
-    return PhantomDataConfig(
-        cases=16,
-        generator=PhantomConfig(size=128, spacing_mm=1.6, slice_spacing_mm=(2.5, 3.0)),
-        prepare=PrepareConfig(organs=DEMO_ORGANS,
-                              slicing=SlicingConfig(size=112, spacing_mm=2.0, empty_slice_share=0.1)),
-    )
-
-
 def preset(variant: str) -> TrainConfig:
     """The paper's L (focal + Dice, no mixup) and M (focal + Dice + boundary, weighted mixup), and S.
 
@@ -192,8 +152,7 @@ def preset(variant: str) -> TrainConfig:
                            loss=LossConfig(1.0, 1.0, 0.01, 20))
     return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=96, mixup=False),
                        loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=25,
-                       pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory"),
-                       phantom=demo_phantom())
+                       pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory"))
 
 
 def load_config(variant: str | None = None, config_file: str | os.PathLike | None = None,
@@ -207,17 +166,23 @@ def load_config(variant: str | None = None, config_file: str | os.PathLike | Non
         data = configs.read_json(config_file)
         if not isinstance(data, dict):
             raise HnsegError(f"{config_file}: a train config must be a JSON object, e.g. {{\"epochs\": 10}}")
+    return config_from_dict(variant, data, overrides, config_file)
+
+
+def config_from_dict(variant: str | None, data: dict, overrides: list[str] | tuple[str, ...] = (),
+                     where: str | os.PathLike | None = None) -> TrainConfig:
+    """:func:`load_config` from an already read (partial) config dict; ``where`` names it in errors."""
     name = variant or data.get("variant") or "S"
     base = configs.to_dict(preset(name))
-    merged = _merge(base, {**data, "variant": base["variant"]}, str(config_file))
+    merged = _merge(base, {**data, "variant": base["variant"]}, str(where))
     try:
         config = configs.from_dict(TrainConfig, merged)
         return configs.replace_from_overrides(config, list(overrides))
     except HnsegError as error:
-        where = f"{config_file}: " if config_file is not None and not overrides else ""
-        raise HnsegError(f"{where}{error}") from None
+        prefix = f"{where}: " if where is not None and not overrides else ""
+        raise HnsegError(f"{prefix}{error}") from None
     except (TypeError, ValueError) as error:
-        raise HnsegError(f"{config_file or 'overrides'}: invalid train config ({error})") from None
+        raise HnsegError(f"{where or 'overrides'}: invalid train config ({error})") from None
 
 
 def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
@@ -236,24 +201,11 @@ def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
 # ----------------------------------------------------------------------------- data
 
 
-def phantom_dataset(phantom: PhantomDataConfig) -> Path:
-    """Manifest path of the built-in phantom data set, preparing it on first use (resumable)."""
-    settings = configs.to_dict(dataclasses.replace(phantom, cache_dir="", workers=0))
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    folder = Path(phantom.cache_dir) / f"phantom-{digest}"
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file() and Manifest.load(manifest_path).complete:
-        return manifest_path
-    print(f"preparing the built-in phantom data set ({phantom.cases} cases) in {folder}", file=sys.stderr)
-    prepare(PhantomSource(phantom.cases, phantom.generator), folder, phantom.prepare,
-            workers=max(1, phantom.workers))
-    return manifest_path
-
-
 def manifest_path_of(config: TrainConfig) -> Path:
-    """The manifest to train on: ``config.data`` (file or folder) or the prepared phantom."""
+    """The manifest to train on: ``config.data`` (file or folder)."""
     if config.data is None:
-        return phantom_dataset(config.phantom)
+        raise HnsegError("no training data: pass --data MANIFEST (run `hnseg prepare` first), or use `hnseg train` "
+                         "without --data to train on the built-in phantom")
     path = Path(config.data)
     if path.is_dir():
         path = path / "manifest.json"
@@ -320,10 +272,9 @@ def worker_identity(strategy) -> tuple[bool, int]:
 
 
 def default_out(config: TrainConfig) -> Path:
-    """``runs/phantom-<variant>`` or ``runs/<data folder name>-<variant>``."""
-    name = "phantom" if config.data is None else Path(config.data).resolve().parent.name
-    if config.data is not None and Path(config.data).is_dir():
-        name = Path(config.data).resolve().name
+    """``runs/<data folder name>-<variant>``."""
+    path = Path(config.data).resolve()
+    name = path.name if path.is_dir() else path.parent.name
     return Path("runs") / f"{name}-{config.variant}"
 
 
@@ -333,7 +284,7 @@ def default_out(config: TrainConfig) -> Path:
 def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     """Train a U-Net as ``config`` says and return its run folder.
 
-    Prepares the phantom when ``config.data`` is None, resumes an unfinished run of the same config in
+    Resumes an unfinished run of the same config in
     the same folder, and returns at once for a finished one. ``callbacks`` are appended after the
     built-in ones (after the epoch backup). Ctrl-C saves ``interrupted.keras`` and the summary, then
     re-raises KeyboardInterrupt.
@@ -341,8 +292,6 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     started = time.monotonic()
     strategy = strategy_from_environment()  # first: multi-worker collectives must be set up before any op
     multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)()
-    if multi_worker and config.data is None:
-        raise HnsegError("several workers (TF_CONFIG) need prepared data: run `hnseg prepare` once and pass --data")
     if multi_worker and config.max_train_minutes is not None:
         # Each worker would read its own clock and could stop (or set its learning rate) alone.
         raise HnsegError("max_train_minutes needs a single worker; with several (TF_CONFIG) cap --epochs instead")
@@ -535,38 +484,3 @@ def _shard_options(policy) -> tf.data.Options:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = policy
     return options
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", help="preset S, M or L (default: the config file's, else S)")
-    parser.add_argument("--data", metavar="MANIFEST",
-                        help="manifest.json of prepared shards (default: the built-in phantom, prepared on first use)")
-    parser.add_argument("--epochs", type=int, help="number of epochs")
-    parser.add_argument("--batch-size", type=int, help="slices per (global) batch")
-    parser.add_argument("--steps-per-epoch", type=int, help="training batches per epoch")
-    parser.add_argument("--max-minutes", type=float, dest="max_train_minutes",
-                        help="wall-time budget: stop after the epoch that would otherwise end past it")
-    parser.add_argument("--out", help="run folder (default: runs/<data>-<variant>)")
-    parser.add_argument("--config", metavar="FILE", help="JSON train config (partial; e.g. configs/phantom_demo.json)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, repeatable (e.g. --set model.filters=[8,16,32,64,128])")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = load_config(args.variant, args.config, args.overrides)
-    flags = {"data": args.data, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch, "out": args.out,
-             "max_train_minutes": args.max_train_minutes}
-    config = dataclasses.replace(config, **{key: value for key, value in flags.items() if value is not None})
-    if args.batch_size is not None:
-        config = dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, batch_size=args.batch_size))
-    try:
-        run_dir = train(config)
-    except KeyboardInterrupt:
-        return 130
-    summary = configs.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
-    print(f"run folder: {run_dir} (best val_dice {summary.get('best_val_dice')}, "
-          f"{summary.get('epochs_run')} epochs)")
-    return 0

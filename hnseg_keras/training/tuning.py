@@ -23,7 +23,6 @@ that was running restarts from its last finished epoch. ``KERASTUNER_TUNER_ID`` 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -395,9 +394,6 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
         the output folder.
     """
     role = distributed_role()
-    if role is not None and base.data is None:
-        raise HnsegError("distributed tuning needs prepared data: run `hnseg prepare` once and pass the same "
-                         "--data to the chief and every worker")
     base = dataclasses.replace(base, out=None)
     out = Path(tune.out) if tune.out else default_out(base)
     settings = {key: value for key, value in configs.to_dict(tune).items() if key not in ("max_trials", "out")}
@@ -513,46 +509,3 @@ def _write_text_atomic(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.tmp")
     temp.write_text(text)
     os.replace(temp, path)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", help="preset S, M or L (default: the config file's, else S)")
-    parser.add_argument("--data", metavar="MANIFEST",
-                        help="manifest.json of prepared shards (default: the built-in phantom, prepared on first use)")
-    parser.add_argument("--config", metavar="FILE", help="JSON train config (partial), as for `hnseg train`")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a train config value, repeatable (e.g. --set pipeline.batch_size=8)")
-    parser.add_argument("--tuner", default="bayesian", help=f"one of {', '.join(TUNERS)} (default: bayesian)")
-    parser.add_argument("--max-trials", type=int, default=20, help="trials in the search (default: 20)")
-    parser.add_argument("--epochs-per-trial", type=int,
-                        help="epochs of each trial (Hyperband: the maximum; default: the train config's epochs)")
-    parser.add_argument("--executions-per-trial", type=int, default=1,
-                        help="trainings per trial, best val_dice averaged (default: 1)")
-    parser.add_argument("--out", help="output folder (default: runs/tune-<data>-<variant>); rerun to resume")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the tuner's sampling, >= 1 (default: 1)")
-
-
-def run(args: argparse.Namespace) -> int:
-    base = training.load_config(args.variant, args.config, args.overrides)
-    if args.data is not None:
-        base = dataclasses.replace(base, data=args.data)
-    tune = TuneConfig(tuner=str(args.tuner).lower(), max_trials=args.max_trials,
-                      epochs_per_trial=args.epochs_per_trial, executions_per_trial=args.executions_per_trial,
-                      seed=args.seed, out=args.out)
-    try:
-        out = search(tune, base)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume the search", file=sys.stderr)
-        return 130
-    if distributed_role() == "worker":
-        print(f"worker {os.environ['KERASTUNER_TUNER_ID']}: no trials left; the chief writes the summary")
-        return 0
-    summary = configs.read_json(out / "top_trials.json")
-    best = summary["trials"][0] if summary["trials"] else None
-    print(f"search folder: {out} ({summary['completed']} trials completed; best val_dice "
-          f"{best['val_dice']:.4f} in trial {best['trial_id']}; best config: {out / 'best_config.json'})"
-          if best else f"search folder: {out} (no completed trial)")
-    return 0

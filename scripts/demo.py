@@ -43,7 +43,7 @@ def main() -> int:
     trained = time.perf_counter()
     manifest = Path(json.loads((run / "config.json").read_text())["data"])
     test_cases = manifest.parent / "phantom-cases" / "test"
-    organs = json.loads(manifest.read_text())["organs"]
+    organs = json.loads((run / "data.json").read_text())["organs"]
     step("export", ["export", str(run), "--out", str(model)])
     step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions)])
     step("evaluate", ["evaluate", "--pred", str(predictions), "--gt", str(test_cases),

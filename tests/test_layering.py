@@ -16,9 +16,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "hnseg_keras": (),  # the shared base modules and any new top-level one
     "hnseg_keras.data": ("hnseg_keras.data",),
     "hnseg_keras.inputs": ("hnseg_keras.inputs", "hnseg_keras.data.shards", *DATA_READERS),
-    "hnseg_keras.model": ("hnseg_keras.model", "hnseg_keras.inputs.targets"),
+    # the model reads the target layout and the HU window constants from the input stage
+    "hnseg_keras.model": ("hnseg_keras.model", "hnseg_keras.inputs.targets", "hnseg_keras.inputs.augment"),
+    # training writes the run folder's data.json in the format model_io (a leaf module) defines
     "hnseg_keras.training": ("hnseg_keras.training", "hnseg_keras.inputs", "hnseg_keras.model",
-                             "hnseg_keras.data.shards", "hnseg_keras.data.organs", "hnseg_keras.data.slicing"),
+                             "hnseg_keras.data.shards", "hnseg_keras.data.organs", "hnseg_keras.data.slicing",
+                             "hnseg_keras.inference.model_io"),
     "hnseg_keras.inference": ("hnseg_keras.inference", "hnseg_keras.model", *DATA_READERS),
     "hnseg_keras.evaluation": ("hnseg_keras.evaluation", *DATA_READERS),
     "hnseg_keras.cli": ("hnseg_keras",),
@@ -77,6 +80,7 @@ def test_every_module_imports_only_what_its_stage_may():
     ("hnseg_keras.data.cases", "from hnseg_keras.model.unet import build_unet", "hnseg_keras.model.unet"),
     ("hnseg_keras.model.unet", "from hnseg_keras.inputs import pipeline", "hnseg_keras.inputs.pipeline"),
     ("hnseg_keras.files", "from hnseg_keras.data.organs import CATALOGUE", "hnseg_keras.data.organs"),
+    ("hnseg_keras.training.tuning", "from hnseg_keras.inference import export", "hnseg_keras.inference.export"),
 ])
 def test_a_backward_import_is_caught(module, line, target):
     assert violations(module, line) == [f"{module} -> {target}"]

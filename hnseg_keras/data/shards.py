@@ -257,6 +257,7 @@ class Manifest:
     prepare: dict = field(default_factory=dict)
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
+    organ_definitions: dict | None = None  # optional, copied through to runs and exports uninterpreted
 
     @classmethod
     def from_records(cls, records: Sequence[CaseRecord], **fields) -> Manifest:

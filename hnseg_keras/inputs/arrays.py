@@ -6,6 +6,7 @@ TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a
 ``model.fit`` under any backend with the same ``(x, y)`` contract as the tf.data pipeline
 (x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only; :class:`RawBatches` instead
 hands whole slices to the train step, which augments them (``train_step``: crop, warps, mixup).
+``hnseg train --data FILE.npz`` trains from it (``training.sources.ArrayData``).
 
 Compact on purpose (a call to that machine carries at most 64 MiB):
 
@@ -15,7 +16,7 @@ Compact on purpose (a call to that machine carries at most 64 MiB):
 - ``channels`` int32 [N, 2k+1]: each example's planes, centre at k; a smaller k is a view (`neighbours`);
 - ``masks`` uint8 [N, H, W]: bit o set where organ o is inside (at most 8 organs);
 - ``annotated`` uint8 [N, O]; ``case_ids``, ``slice_index`` [N]; ``meta``: JSON (organs, slicing,
-  window, HU statistics of the train split, source manifest).
+  window, HU statistics of the train split, source data folder name and manifest checksum).
 
 Distance maps are not carried: the boundary loss cannot train from this format (targets hold zeros).
 """
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import keras
 import numpy as np
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import atomic_path, refuse_existing
 from hnseg_keras.inputs import targets
 
 FORMAT = "hnseg-slice-arrays/1"
@@ -92,20 +93,11 @@ class SliceArrays:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file beside ``path``, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, planes=self.planes, channels=self.channels, masks=self.masks,
-                                    annotated=self.annotated, case_ids=self.case_ids,
-                                    slice_index=self.slice_index, meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_path(path) as temp, open(temp, "wb") as handle:
+            np.savez_compressed(handle, planes=self.planes, channels=self.channels, masks=self.masks,
+                                annotated=self.annotated, case_ids=self.case_ids,
+                                slice_index=self.slice_index, meta=np.array(json.dumps(self.meta)))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SliceArrays:
@@ -228,22 +220,23 @@ class RawBatches(_UniformBatches):
 def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.PathLike,
                  window: tuple[float, float] | None = None, force: bool = False) -> Path:
     """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards)."""
-    from hnseg_keras.data.shards import Manifest, read_split
+    from hnseg_keras.data.shards import Manifest, read_split, sha256_file
     from hnseg_keras.inputs import augment, pipeline
 
     out = Path(out)
-    if out.exists() and not force:
-        raise HnsegError(f"{out} exists; pass --force to replace it")
+    refuse_existing(out, force, "pass --force to replace it")
     manifest_path = Path(manifest_path)
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.json"
     manifest = Manifest.load(manifest_path)
-    window = tuple(window) if window is not None else augment.AugmentConfig().window
+    window = tuple(window) if window is not None else augment.HU_WINDOW
     hu_mean, hu_std = pipeline.intensity_stats(manifest, window)
     examples = read_split(manifest_path, split).as_numpy_iterator()
     arrays = from_examples(examples, manifest.organs, manifest.slicing, window,
                            {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
-                            "manifest": str(manifest_path.resolve())})
+                            "manifest": manifest_path.resolve().parent.name,
+                            "manifest_sha256": sha256_file(manifest_path),
+                            "organ_definitions": manifest.organ_definitions})
     return arrays.save(out)
 
 
@@ -252,7 +245,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help=".npz file to write")
     parser.add_argument("--split", default="train", help="split to write (default train)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                        help="HU window the planes are quantised over (default: the augmentation's, -155 195)")
+                        help="HU window the planes are quantised over (default: the training window, -155 195)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 

@@ -23,6 +23,8 @@ import keras
 import numpy as np
 from keras import ops
 
+# The soft-tissue window of the paper, the one default of the augmentation, the model and the renderers.
+HU_WINDOW: tuple[float, float] = (-155.0, 195.0)
 # Plain clip used when no window is set: the int16 HU range a CT can hold.
 HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 SPATIAL_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps")
@@ -54,7 +56,7 @@ class AugmentConfig:
     deformations (a few pixels) on 256-pixel slices of 1 mm.
     """
 
-    window: tuple[float, float] | None = (-155.0, 195.0)
+    window: tuple[float, float] | None = HU_WINDOW
     crop_size: int | None = 256
     warp_probability: float = 0.5
     elastic: bool = True

@@ -22,6 +22,7 @@ from scipy import ndimage
 from hnseg_keras import configs
 from hnseg_keras.data.organs import CATALOGUE
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inputs.augment import HU_WINDOW
 from hnseg_keras.inputs.targets import unpack_targets
 
 # Contour colours (RGB) by catalogue label value - 1; distinct on a grey CT.
@@ -285,7 +286,7 @@ class ValidationImages(keras.callbacks.Callback):
     """
 
     def __init__(self, dataset, organs, log_dir, count: int = 4, scan_batches: int = 8,
-                 window: tuple[float, float] = (-155.0, 195.0)):
+                 window: tuple[float, float] = HU_WINDOW):
         super().__init__()
         self.organs = list(organs)
         self.log_dir = str(log_dir)

@@ -26,8 +26,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +34,10 @@ import keras_tuner
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inputs.train_step import augment_in_train_step
 from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import distributed
 from hnseg_keras.training import trainer as training
+from hnseg_keras.training.sources import VALIDATION, open_data
 from hnseg_keras.training.trainer import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
@@ -195,14 +194,13 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
         base: training config resolved for the data; trials replace the tuned fields.
         tune: the search settings.
         out: the search's output folder.
-        manifest_path: the data set.
-        organs: organ names in channel order.
+        data: the data set (``sources.open_data``), opened once for all trials.
     """
 
-    def __init__(self, base: TrainConfig, tune: TuneConfig, out: Path, manifest_path: Path, organs):
+    def __init__(self, base: TrainConfig, tune: TuneConfig, out: Path, data):
         super().__init__(name="hnseg_loss_weights")
         self.base, self.tune, self.out = base, tune, Path(out)
-        self.manifest_path, self.organs = Path(manifest_path), list(organs)
+        self.data, self.organs = data, list(data.organs)
         self.epochs = tune.epochs_per_trial or base.epochs
         self._executions: dict[str, int] = defaultdict(int)
 
@@ -222,10 +220,9 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
             if cb.check_run_folder(run, resolved) != "finished":
                 if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
                     model.set_weights(build_compiled_model(config, self.organs).get_weights())
-                run.mkdir(parents=True, exist_ok=True)
-                configs.write_json_atomic(run / "config.json", resolved)
+                training.write_run_files(run, resolved, training.describe_data(config, self.data))
                 _write_hparams(run / "logs", tuned_fields(config), f"{trial_id}/{execution}")
-                train_trial(config, model, run, self.manifest_path, self.organs, callbacks, initial_epoch)
+                train_trial(config, model, run, self.data, callbacks, initial_epoch)
         except HnsegError as error:  # a config or data problem fails every trial alike: stop the search
             raise SearchStopped(str(error)) from None
         return trial_result(run)
@@ -269,29 +266,10 @@ def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
     writer.close()
 
 
-def train_trial(config: TrainConfig, model, run: Path, manifest_path: Path, organs: list[str],
-                tuner_callbacks: list, initial_epoch: int = 0) -> None:
-    """Fit ``model`` (from ``build``) as ``hnseg train`` does: same datasets, callbacks and epoch backup.
-
-    Uses ``training.make_datasets`` / ``training.make_callbacks``; resumes from ``run/backup``.
-    ``tuner_callbacks`` (KerasTuner's) run after the training callbacks.
-    """
-    import keras
-
-    train_ds, val_ds, steps, val_steps = training.make_datasets(config, manifest_path, multi_worker=False)
-    augment = training.device_augmentation(config, manifest_path)
-    if augment is not None:
-        augment_in_train_step(model, augment)
-    resumed = cb.backup_epoch(run / "backup")
-    callbacks = training.make_callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
-    callbacks.append(keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))
-    start = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=steps, validation_steps=val_steps, callbacks=callbacks + tuner_callbacks,
-              verbose=1 if sys.stdout.isatty() else 2, shuffle=False)
-    cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start,
-                           {"organs": organs, "data": str(manifest_path), "initial_epoch": initial_epoch,
-                            "resumed_from_epoch": resumed})
+def train_trial(config: TrainConfig, model, run: Path, data, tuner_callbacks: list, initial_epoch: int = 0) -> None:
+    """Fit ``model`` (from ``build``) with ``training.fit_run``, the loop ``hnseg train`` uses;
+    ``tuner_callbacks`` (KerasTuner's) run after the training callbacks."""
+    training.fit_run(config, model, run, data, tuner_callbacks, initial_epoch)
 
 
 def trial_result(run: Path) -> dict[str, float]:
@@ -376,8 +354,8 @@ def make_tuner(tune: TuneConfig, hypermodel, out: Path, distribution_strategy=No
 
 def _strategy():
     """KerasTuner's ``distribution_strategy``: MirroredStrategy on several GPUs, else None."""
-    strategy = training.strategy_from_environment()
-    if getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+    strategy = distributed.strategy_from_environment()
+    if distributed.is_multi_worker(strategy):
         raise HnsegError("TF_CONFIG multi-worker training is not used by `hnseg tune`; unset TF_CONFIG and "
                          "distribute trials with KERASTUNER_TUNER_ID / _ORACLE_IP / _ORACLE_PORT instead")
     return strategy if strategy.num_replicas_in_sync > 1 else None
@@ -388,7 +366,7 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
 
     Args:
         tune: search settings.
-        base: training config (variant <- config file <- overrides); ``base.out`` is not used.
+        base: training config (variant <- config file <- overrides) naming its data; ``base.out`` is not used.
         callbacks: extra Keras callbacks appended to every trial's fit (deep-copied per trial).
     Returns:
         the output folder.
@@ -400,14 +378,13 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
     record = {"tune": settings, "train": configs.to_dict(base)}
     check_search_folder(out, record)
     strategy = _strategy()
-    manifest_path = training.manifest_path_of(base)
-    resolved = training.resolve_for_data(base, manifest_path)
-    from hnseg_keras.data.shards import Manifest
-
-    organs = list(Manifest.load(manifest_path).organs)
+    data = open_data(base.data)
+    if not data.slices(VALIDATION):
+        raise HnsegError(f"{data.path}: holds no validation split; the search ranks trials by val_dice")
+    resolved = training.resolve_for_data(base, data)
     out.mkdir(parents=True, exist_ok=True)
     configs.write_json_atomic(out / "search_config.json", record)
-    hypermodel = LossWeightHyperModel(resolved, tune, out, manifest_path, organs)
+    hypermodel = LossWeightHyperModel(resolved, tune, out, data)
     tuner = make_tuner(tune, hypermodel, out, strategy)
     try:
         tuner.search(callbacks=list(callbacks or []), verbose=1)

@@ -218,8 +218,9 @@ class RawBatches(_UniformBatches):
 
 
 def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.PathLike,
-                 window: tuple[float, float] | None = None, force: bool = False) -> Path:
-    """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards)."""
+                 window: tuple[float, float] | None = None, force: bool = False, neighbours: int | None = None) -> Path:
+    """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards), with
+    ``neighbours`` planes each side (None: as prepared)."""
     from hnseg_keras.data.shards import Manifest, read_split, sha256_file
     from hnseg_keras.inputs import augment, pipeline
 
@@ -237,7 +238,7 @@ def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.Pat
                             "manifest": manifest_path.resolve().parent.name,
                             "manifest_sha256": sha256_file(manifest_path),
                             "organ_definitions": manifest.organ_definitions})
-    return arrays.save(out)
+    return (arrays if neighbours is None else arrays.neighbours(neighbours)).save(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,13 +247,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="split to write (default train)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                         help="HU window the planes are quantised over (default: the training window, -155 195)")
+    parser.add_argument("--neighbours", type=int, help="keep k neighbouring planes each side (default: as prepared)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.window is not None and not args.window[0] < args.window[1]:
         raise HnsegError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
-    path = export_split(args.manifest, args.split, args.out, args.window, args.force)
+    path = export_split(args.manifest, args.split, args.out, args.window, args.force, args.neighbours)
     arrays = SliceArrays.load(path)
     print(f"wrote {path}: {len(arrays)} {args.split} slices, {arrays.planes.shape[0]} planes, "
           f"{path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -192,11 +193,6 @@ def crop_offsets(draw, in_hw, out_hw: tuple[int, int]):
     return ops.minimum(ops.floor(draw * span[None, :]), span[None, :] - 1.0)
 
 
-def random_crop_offsets(seed, batch_size, in_hw, out_hw: tuple[int, int]):
-    """Independent integer crop corners per sample, uniform in [0, in - out]; float32 [B,2]."""
-    return crop_offsets(_uniform(seed, (batch_size, 2)), in_hw, out_hw)
-
-
 # ----------------------------------------------------------------------------- warp fields
 
 
@@ -229,12 +225,6 @@ def elastic_from_noise(noise, out_hw: tuple[int, int], alpha: float, sigma: floa
     return bilinear_sample(field, coord_y / step, coord_x / step)
 
 
-def elastic_displacement(seed, batch_size, out_hw: tuple[int, int], alpha: float, sigma: float):
-    """Elastic field [B,Ho,Wo,2] (dy, dx): Gaussian-smoothed (sigma px) white noise, RMS ``alpha`` px per axis."""
-    _, _, height, width = _elastic_geometry(out_hw, sigma)
-    return elastic_from_noise(_normal(seed, (batch_size, height, width, 2)), out_hw, alpha, sigma)
-
-
 def _grid_axis(stretch, length: int):
     """Displacement [B, length] along one axis from cell stretch factors [B, steps]."""
     batch_size, steps = ops.shape(stretch)[0], int(stretch.shape[1])
@@ -260,55 +250,6 @@ def grid_from_stretch(stretch, out_hw: tuple[int, int]):
     return ops.stack([dy, dx], axis=-1)
 
 
-def grid_displacement(seed, batch_size, out_hw: tuple[int, int], steps: int, limit: float):
-    """Grid distortion [B,Ho,Wo,2]: each of ``steps`` cells per axis stretched by U(1 - limit, 1 + limit)."""
-    return grid_from_stretch(_uniform(seed, (batch_size, 2, steps), 1.0 - limit, 1.0 + limit), out_hw)
-
-
-# ----------------------------------------------------------------------------- draws and application
-
-
-def draw_augmentation(seed, batch_size, out_hw: tuple[int, int], config: AugmentConfig) -> dict:
-    """Every random number one batch needs, drawn from ``seed`` (the only place that draws).
-
-    Keeping draws apart from the (deterministic) application lets a caller run them in different
-    places, e.g. draws in tf.data and the heavy resampling in an XLA-compiled function.
-    """
-    draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
-             "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
-    if config.warp_probability > 0.0 and config.elastic:
-        _, _, height, width = _elastic_geometry(out_hw, config.elastic_sigma)
-        draws["elastic_noise"] = _normal(sub_seed(seed, _TAG_ELASTIC), (batch_size, height, width, 2))
-    if config.warp_probability > 0.0 and config.grid:
-        limit = config.grid_distort_limit
-        draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
-                                         1.0 - limit, 1.0 + limit)
-    if config.mixup:
-        draws["partner"] = _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,))
-        draws.update(_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size))
-    return draws
-
-
-def warp_from_draws(draws: dict, out_hw: tuple[int, int], config: AugmentConfig):
-    """Per-sample warp field [B,Ho,Wo,2] (dy, dx), or None when warps are off.
-
-    With ``warp_probability`` a sample is warped, elastic or grid (a coin picks when both are on).
-    """
-    fields = []
-    if "elastic_noise" in draws:
-        fields.append(elastic_from_noise(draws["elastic_noise"], out_hw, config.elastic_alpha, config.elastic_sigma))
-    if "grid_stretch" in draws:
-        fields.append(grid_from_stretch(draws["grid_stretch"], out_hw))
-    if not fields:
-        return None
-    coins = draws["coins"]
-    warped = ops.cast(coins[:, 0] < config.warp_probability, "float32")[:, None, None, None]
-    if len(fields) == 1:
-        return fields[0] * warped
-    use_elastic = ops.cast(coins[:, 1] < 0.5, "float32")[:, None, None, None]
-    return (fields[0] * use_elastic + fields[1] * (1.0 - use_elastic)) * warped
-
-
 def output_hw(image, config: AugmentConfig):
     """(input, output) static (H, W) of a batch image under ``config``'s crop; checks the crop fits."""
     in_hw = _static_hw(image)
@@ -316,23 +257,6 @@ def output_hw(image, config: AugmentConfig):
     if in_hw[0] < out_hw[0] or in_hw[1] < out_hw[1]:
         raise ValueError(f"crop_size {config.crop_size} is larger than the input slices {in_hw}")
     return in_hw, out_hw
-
-
-def apply_crop_and_warp(batch: dict, draws: dict, config: AugmentConfig) -> dict:
-    """Crop + warp every spatial key with the drawn per-sample offset and field (see crop_and_warp)."""
-    in_hw, out_hw = output_hw(batch["image"], config)
-    offsets = crop_offsets(draws["crop"], in_hw, out_hw)
-    return resample_batch(batch, offsets, warp_from_draws(draws, out_hw, config), out_hw)
-
-
-def crop_and_warp(batch: dict, seed, config: AugmentConfig) -> dict:
-    """Random crop + optional warp of every spatial key with one field per sample.
-
-    Masks are resampled bilinearly and thresholded at 0.5. Non-spatial keys pass through.
-    """
-    _, out_hw = output_hw(batch["image"], config)
-    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, dataclasses.replace(config, mixup=False))
-    return apply_crop_and_warp(batch, draws, config)
 
 
 def centre_crop(batch: dict, size: int | None) -> dict:
@@ -405,11 +329,6 @@ def beta_from_draws(draws: dict, alpha: float):
     return ops.sigmoid(log_gamma[0] - log_gamma[1])
 
 
-def sample_beta(seed, shape, alpha: float):
-    """Beta(alpha, alpha) draws of shape (n,) from ``seed`` (see beta_from_draws)."""
-    return beta_from_draws(_gamma_draws(seed, shape[0]), alpha)
-
-
 def slice_weights(masks, organ_weights):
     """Mixup weight of each slice: the sum of ``organ_weights`` over organs with foreground in it.
 
@@ -433,13 +352,14 @@ def partners_from_uniform(weights, draw):
     return ops.minimum(index, ops.shape(weights)[0] - 1)
 
 
-def draw_partners(seed, weights):
-    """Partner indices [B] drawn from ``seed`` with probability proportional to ``weights`` [B]."""
-    return partners_from_uniform(weights, _uniform(seed, ops.shape(weights)))
-
-
 def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
-    """Class-weighted mixup with drawn numbers (see weighted_mixup)."""
+    """Class-weighted mixup: image <- lam * image + (1 - lam) * image[partner], lam ~ Beta(alpha, alpha).
+
+    The partner is drawn from the batch with probability proportional to :func:`slice_weights`
+    (``organ_weights`` [O], e.g. 1 / foreground-slice count; None: uniform), from ``draws["partner"]``
+    [B] uniforms and the gamma draws of :func:`beta_from_draws`. Targets are not mixed:
+    ``partner_masks``, ``partner_dist_maps``, ``partner_annotated`` and ``lam [B]`` are added.
+    """
     masks = batch["masks"]
     if organ_weights is None:
         weights = ops.ones((ops.shape(masks)[0],), "float32")
@@ -456,28 +376,116 @@ def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
     return out
 
 
-def weighted_mixup(batch: dict, seed, organ_weights, alpha: float) -> dict:
-    """Class-weighted mixup: image <- lam * image + (1 - lam) * image[partner], lam ~ Beta(alpha, alpha).
+# ----------------------------------------------------------------------------- the ops, in order
 
-    The partner is drawn from the batch with probability proportional to :func:`slice_weights`
-    (``organ_weights`` [O], e.g. 1 / foreground-slice count; None: uniform). Targets are not mixed:
-    ``partner_masks``, ``partner_dist_maps``, ``partner_annotated`` and ``lam [B]`` are added.
+
+def warp_from_draws(draws: dict, out_hw: tuple[int, int], config: AugmentConfig):
+    """Per-sample warp field [B,Ho,Wo,2] (dy, dx), or None when warps are off.
+
+    With ``warp_probability`` a sample is warped, elastic or grid (a coin picks when both are on).
     """
-    batch_size = ops.shape(batch["masks"])[0]
-    draws = {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
-             **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
-    return apply_mixup(batch, draws, organ_weights, alpha)
+    fields = []
+    if "elastic_noise" in draws:
+        fields.append(elastic_from_noise(draws["elastic_noise"], out_hw, config.elastic_alpha, config.elastic_sigma))
+    if "grid_stretch" in draws:
+        fields.append(grid_from_stretch(draws["grid_stretch"], out_hw))
+    if not fields:
+        return None
+    coins = draws["coins"]
+    warped = ops.cast(coins[:, 0] < config.warp_probability, "float32")[:, None, None, None]
+    if len(fields) == 1:
+        return fields[0] * warped
+    use_elastic = ops.cast(coins[:, 1] < 0.5, "float32")[:, None, None, None]
+    return (fields[0] * use_elastic + fields[1] * (1.0 - use_elastic)) * warped
 
 
-def apply_augmentation(batch: dict, draws: dict, config: AugmentConfig, organ_weights=None) -> dict:
-    """Window, crop + warp and mixup of a batch with pre-drawn random numbers (no draws inside)."""
-    out = dict(batch)
-    out["image"] = window_image(batch["image"], config.window)
-    out["annotated"] = ops.cast(batch["annotated"], "float32")
-    out = apply_crop_and_warp(out, draws, config)
-    if config.mixup:
-        out = apply_mixup(out, draws, organ_weights, config.mixup_alpha)
-    return out
+def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
+    """float32 copy of a batch's four keys with the image clipped to ``window`` (HU) or ``HU_RANGE``."""
+    out = {key: ops.cast(batch[key], "float32") for key in ("masks", "dist_maps", "annotated")}
+    return {"image": window_image(batch["image"], window), **out}
+
+
+def _window_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    return cast_and_window(batch, config.window)
+
+
+def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
+    """Crop corner [B,2] and warp field [B,Ho,Wo,2] (or none): the warp field is derived here, with the
+    draws, so that the application is a pure resampling (the part worth compiling with XLA)."""
+    draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
+             "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
+    if config.warp_probability > 0.0 and config.elastic:
+        _, _, height, width = _elastic_geometry(out_hw, config.elastic_sigma)
+        draws["elastic_noise"] = _normal(sub_seed(seed, _TAG_ELASTIC), (batch_size, height, width, 2))
+    if config.warp_probability > 0.0 and config.grid:
+        limit = config.grid_distort_limit
+        draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
+                                         1.0 - limit, 1.0 + limit)
+    field = warp_from_draws(draws, out_hw, config)
+    return {"offsets": crop_offsets(draws["crop"], in_hw, out_hw), **({} if field is None else {"field": field})}
+
+
+def _crop_warp_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    out_hw = output_hw(batch["image"], config)[1]
+    return resample_batch(batch, params["offsets"], params.get("field"), out_hw)
+
+
+def _mixup_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
+    return {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
+            **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
+
+
+def _mixup_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    return apply_mixup(batch, params, organ_weights, config.mixup_alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOp:
+    """One step of the training augmentation.
+
+    Attributes:
+        name: key of its parameters in the dict :func:`draw_params` returns.
+        enabled: ``config -> bool``.
+        draw: ``(seed, batch_size, in_hw, out_hw, config) -> dict`` of per-sample parameters, every
+            random number from ``seed`` (None: no parameters).
+        apply: ``(batch, params, config, organ_weights) -> batch``, deterministic.
+        compilable: ``apply`` may run as an XLA-compiled function inside tf.data (worth it for the
+            resampling only; the random draws never run there: TF's stateless generator is slow under
+            XLA on CPU). In the train step everything runs in the step's own compiled function.
+    """
+
+    name: str
+    enabled: Callable[[AugmentConfig], bool]
+    draw: Callable | None
+    apply: Callable
+    compilable: bool = False
+
+
+# The one composition, in order, iterated by the tf.data pipeline and by the on-device train step.
+OPS: tuple[AugmentOp, ...] = (
+    AugmentOp("window", lambda config: True, None, _window_apply),
+    AugmentOp("crop_and_warp", lambda config: True, _crop_warp_draw, _crop_warp_apply, compilable=True),
+    AugmentOp("mixup", lambda config: config.mixup, _mixup_draw, _mixup_apply),
+)
+
+
+def active_ops(config: AugmentConfig) -> tuple[AugmentOp, ...]:
+    return tuple(op for op in OPS if op.enabled(config))
+
+
+def draw_params(batch: dict, seed, config: AugmentConfig) -> dict:
+    """Every op's parameters for one batch, drawn from ``seed`` (int32 [2] or int): ``{op name: dict}``."""
+    in_hw, out_hw = output_hw(batch["image"], config)
+    batch_size = ops.shape(batch["image"])[0]
+    return {op.name: op.draw(seed, batch_size, in_hw, out_hw, config)
+            for op in active_ops(config) if op.draw is not None}
+
+
+def apply_ops(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    """Apply the enabled ops in order with drawn ``params`` (no random draws inside)."""
+    for op in active_ops(config):
+        batch = op.apply(batch, params.get(op.name, {}), config, organ_weights)
+    return batch
 
 
 def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) -> dict:
@@ -492,6 +500,4 @@ def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) 
     Returns:
         float32 dict with spatial keys at the crop size; with mixup also ``partner_*`` and ``lam``.
     """
-    _, out_hw = output_hw(batch["image"], config)
-    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, config)
-    return apply_augmentation(batch, draws, config, organ_weights)
+    return apply_ops(batch, draw_params(batch, seed, config), config, organ_weights)

@@ -5,7 +5,7 @@ docs/ARCHITECTURE.md: ``image`` int16 HU [H,W,C], ``masks`` uint8 [H,W,O], ``dis
 [H,W,O], ``annotated`` uint8 [O], plus ids that are dropped here); thin wrappers read them from a
 manifest with ``shards.read_split``. Training::
 
-    examples -> shuffle -> batch (drop remainder) -> cast + window -> crop + warp -> mixup -> pack -> prefetch
+    examples -> shuffle -> batch (drop remainder) -> draw -> augment.OPS (window, crop + warp, mixup) -> pack
 
 where each batch carries its own stateless seed, so the stream is reproducible for a
 ``PipelineConfig.seed`` and still differs from epoch to epoch. ``x`` is the windowed HU image
@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment, targets
-from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.augment import AugmentConfig, cast_and_window
 from hnseg_keras.inputs.batching import PipelineConfig
 
 EXAMPLE_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps", "annotated")
@@ -45,16 +45,6 @@ def _cache(dataset: tf.data.Dataset, cache: str | None) -> tf.data.Dataset:
     return dataset.cache("" if cache == "memory" else str(cache))
 
 
-def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
-    """float32 copy of a batch with the image clipped to ``window`` (HU) or the plain HU range."""
-    return {
-        "image": augment.window_image(batch["image"], window),
-        "masks": tf.cast(batch["masks"], tf.float32),
-        "dist_maps": tf.cast(batch["dist_maps"], tf.float32),
-        "annotated": tf.cast(batch["annotated"], tf.float32),
-    }
-
-
 def batch_seeds(seed: int) -> tf.data.Dataset:
     """Endless int32 [2] seeds, one per batch: (random draw, batch counter).
 
@@ -67,30 +57,12 @@ def batch_seeds(seed: int) -> tf.data.Dataset:
         lambda draw, count: tf.cast(tf.stack([draw % _SEED_MODULUS, count % _SEED_MODULUS]), tf.int32))
 
 
-def _augment_stages(config: AugmentConfig, weights, batch_size: int, jit_compile: bool):
-    """Three map functions: draw (+ window, warp field), resample (XLA if asked), mixup + pack.
+def _op_stage(op: augment.AugmentOp, config: AugmentConfig, weights, jit_compile: bool):
+    """A map function ``(batch, params) -> (batch, params)`` running one augmentation op."""
+    def stage(batch, params):
+        return op.apply(batch, params.get(op.name, {}), config, weights), params
 
-    Only the resampling is compiled: XLA on CPU is slow for TF's default stateless generator and
-    for the depthwise convolution of the elastic field, and gains nothing on mixup and packing.
-    """
-    def draw(batch, seed):
-        batch = cast_and_window(batch, config.window)
-        in_hw, out_hw = augment.output_hw(batch["image"], config)
-        draws = augment.draw_augmentation(seed, batch_size, out_hw, config)
-        field = augment.warp_from_draws(draws, out_hw, config)
-        fields = () if field is None else (field,)
-        return batch, augment.crop_offsets(draws["crop"], in_hw, out_hw), draws, fields
-
-    def resample(batch, offsets, draws, fields):
-        out_hw = augment.output_hw(batch["image"], config)[1]
-        return augment.resample_batch(batch, offsets, fields[0] if fields else None, out_hw), draws
-
-    def mix_and_pack(batch, draws):
-        if config.mixup:
-            batch = augment.apply_mixup(batch, draws, weights, config.mixup_alpha)
-        return targets.to_keras(batch)
-
-    return draw, tf.function(resample, jit_compile=True) if jit_compile else resample, mix_and_pack
+    return tf.function(stage, jit_compile=True) if jit_compile and op.compilable else stage
 
 
 def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,
@@ -118,10 +90,10 @@ def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConf
     if cfg.augment_on_device:
         return ds.map(lambda b, s: (cast_and_window(b, window), s), num_parallel_calls=calls).prefetch(
             _tune(cfg.prefetch))
-    stages = _augment_stages(augment_config, weights, cfg.batch_size, cfg.jit_compile)
-    for stage in stages:
-        ds = ds.map(stage, num_parallel_calls=calls)
-    return ds.prefetch(_tune(cfg.prefetch))
+    ds = ds.map(lambda b, s: (b, augment.draw_params(b, s, augment_config)), num_parallel_calls=calls)
+    for op in augment.active_ops(augment_config):
+        ds = ds.map(_op_stage(op, augment_config, weights, cfg.jit_compile), num_parallel_calls=calls)
+    return ds.map(lambda b, _: targets.to_keras(b), num_parallel_calls=calls).prefetch(_tune(cfg.prefetch))
 
 
 def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hnseg_keras import cli
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import refuse_existing
 
 
 def step(title: str, argv: list[str]) -> None:
@@ -33,9 +34,7 @@ def main() -> int:
                         help="training config override, repeatable (e.g. epochs=5)")
     args = parser.parse_args()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists():
-        print(f"demo: error: {out} already exists; give a new --out", file=sys.stderr)
-        return 2
+    refuse_existing(out, hint="give a new --out")
     started = time.perf_counter()
     run, model, predictions = out / "run", out / "model", out / "predictions"
     overrides = [item for pair in args.set for item in ("--set", pair)]

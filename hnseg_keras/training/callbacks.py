@@ -22,6 +22,7 @@ from scipy import ndimage
 from hnseg_keras import configs
 from hnseg_keras.data.organs import CATALOGUE
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import atomic_path, temp_name
 from hnseg_keras.inputs.augment import HU_WINDOW
 from hnseg_keras.inputs.targets import unpack_targets
 
@@ -68,10 +69,8 @@ def trim_history(path: str | os.PathLike, epochs: int) -> None:
     kept = [row for row in rows if row and _float(row[column]) < epochs]
     if len(kept) == len(rows):
         return
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("w", newline="") as handle:
+    with atomic_path(path) as temp, temp.open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *kept])
-    os.replace(temp, path)
 
 
 def backup_epoch(backup_dir: str | os.PathLike) -> int:
@@ -354,7 +353,7 @@ def _pick_slices(dataset, num_organs: int, count: int, scan_batches: int):
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
     """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename into place."""
     path = Path(path)
-    temp = path.with_name(f".{path.stem}.tmp.keras")
+    temp = temp_name(path).with_suffix(".keras")  # per process; Keras insists on the suffix
     try:
         model.save(temp)
         os.replace(temp, path)

@@ -34,6 +34,7 @@ import keras_tuner
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import write_text_atomic
 from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import distributed
 from hnseg_keras.training import trainer as training
@@ -478,11 +479,5 @@ def write_results(oracle, base: TrainConfig, epochs: int, out: Path) -> dict:
         configs.write_json_atomic(out / "best_config.json", configs.to_dict(config))
         text += [f"Best: trial {best['trial_id']} ({best['run']}); train it with "
                  f"`python scripts/train.py --config {out / 'best_config.json'}`.", ""]
-    _write_text_atomic(out / "top_trials.md", "\n".join(text))
+    write_text_atomic(out / "top_trials.md", "\n".join(text))
     return summary
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)

@@ -101,7 +101,7 @@ def train_config(args: argparse.Namespace, **flags):
     from hnseg_keras.training import trainer
 
     data, phantom = read_config_file(args.config)
-    config = trainer.config_from_dict(args.variant, data, args.overrides, args.config)
+    config = trainer.load_config(args.variant, data, args.overrides, args.config)
     flags["data"] = args.data
     config = dataclasses.replace(config, **{key: value for key, value in flags.items() if value is not None})
     if config.data is None:

@@ -16,7 +16,7 @@ from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import arrays
-from hnseg_keras.inputs.arrays import RandomCropBatches, RawBatches, SliceArrays, from_examples, quantise
+from hnseg_keras.inputs.arrays import RawBatches, SliceArrays, from_examples, quantise
 from hnseg_keras.inputs.augment import AugmentConfig
 from hnseg_keras.inputs.train_step import device_augment
 
@@ -106,30 +106,6 @@ def _positional_examples(size=12, count=6):
     return examples, from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
 
 
-def test_random_crops_keep_image_and_masks_aligned():
-    size, crop = 12, 7
-    examples, data = _positional_examples(size)
-    position = examples[0]["image"][..., 1]
-    batches = RandomCropBatches(data, batch_size=5, steps=3, crop=crop, seed=4)
-    x, y = batches[1]
-    x_again, y_again = batches[1]
-    np.testing.assert_array_equal(x, x_again)
-    np.testing.assert_array_equal(y, y_again)
-    assert not np.array_equal(x, batches[2][0])
-    assert x.shape == (5, crop, crop, 3) and y.shape == (5, crop, crop, 4 * 2 + 1)
-    for b in range(5):
-        s = int(round(x[b, 0, 0, 0] / 50))
-        r0, c0 = divmod(int(round(x[b, 0, 0, 1] / 3)), size)
-        window = (slice(r0, r0 + crop), slice(c0, c0 + crop))
-        np.testing.assert_allclose(x[b, ..., 1], position[window], atol=1.01)
-        want = examples[s]["masks"][window].astype(np.float32)
-        np.testing.assert_array_equal(y[b, ..., 0], want[..., 0])
-        np.testing.assert_array_equal(y[b, ..., 1], want[..., 1] if s % 2 else -1.0)  # -1: not annotated
-        np.testing.assert_array_equal(y[b, ..., 8], 1.0)  # lambda: no mixup
-    with pytest.raises(HnsegError, match="crop 13"):
-        RandomCropBatches(data, batch_size=2, steps=1, crop=13)
-
-
 def test_export_matches_the_tfrecord_split(tiny_phantom_root, tmp_path):
     config = PrepareConfig(organs=("BrainStem", "Mandible", "Parotid_L"),
                            slicing=SlicingConfig(size=32, spacing_mm=None, neighbours=1))
@@ -210,7 +186,7 @@ def test_organ_weights_are_inverse_foreground_slice_counts():
 
 
 @pytest.mark.parametrize("augment", [["augment.warp_probability=0"], ["augment.warp_probability=1", "augment.mixup=true"]],
-                         ids=["host-crop", "device-augment"])
+                         ids=["crop-only", "warp-and-mixup"])
 def test_hnseg_train_on_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
     """The GPU machine's conditions: KERAS_BACKEND=jax and no TensorFlow importable at all."""
     rows, cols = np.indices((32, 32))

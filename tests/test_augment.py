@@ -26,6 +26,12 @@ def crop_and_warp(batch, seed, config):
     return CROP_WARP.apply(batch, augment.draw_params(batch, seed, config)["crop_and_warp"], config)
 
 
+def resample(values, offsets, field, out_hw):
+    """``values`` resampled as the distance maps are (bilinear, no threshold)."""
+    batch = {"image": values, "masks": values, "dist_maps": values}
+    return augment.resample_batch(batch, offsets, field, out_hw)["dist_maps"].numpy()
+
+
 def warp_field(seed, batch_size, hw, **settings):
     """The warp field the crop + warp op draws when every sample is warped (no crop)."""
     config = AugmentConfig(crop_size=None, warp_probability=1.0, mixup=False, **settings)
@@ -71,10 +77,10 @@ def test_zero_displacement_and_integer_offset_is_an_exact_copy():
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3, 20, 24, 5)).astype(np.float32)
     offsets = np.array([[0, 0], [3, 1], [4, 8]], np.float32)
-    out = augment.resample(values, offsets, np.zeros((3, 16, 16, 2), np.float32), (16, 16)).numpy()
+    out = resample(values, offsets, np.zeros((3, 16, 16, 2), np.float32), (16, 16))
     for b, (y, x) in enumerate(offsets.astype(int)):
         np.testing.assert_array_equal(out[b], values[b, y : y + 16, x : x + 16])
-    whole = augment.resample(values, np.zeros((3, 2)), None, (20, 24)).numpy()
+    whole = resample(values, np.zeros((3, 2), np.float32), None, (20, 24))
     np.testing.assert_array_equal(whole, values)
 
 

@@ -302,7 +302,7 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
 def test_phantom_demo_config_file_is_the_s_preset():
     """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
     data, phantom = cli.read_config_file(REPO / "configs" / "phantom_demo.json")
-    assert training.config_from_dict(None, data) == training.preset("S")
+    assert training.load_config(None, data) == training.preset("S")
     assert demo_set.phantom_settings("S", phantom) == demo_set.demo_phantom()
     assert demo_set.phantom_settings("S", {"cases": 8}).prepare == demo_set.demo_phantom().prepare
 

@@ -2,10 +2,9 @@
 
 The GPU machine this project borrows runs Keras on JAX and has no TensorFlow, so it cannot read the
 TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a manifest into an
-``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RandomCropBatches` feeds
-``model.fit`` under any backend with the same ``(x, y)`` contract as the tf.data pipeline
-(x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only; :class:`RawBatches` instead
-hands whole slices to the train step, which augments them (``train_step``: crop, warps, mixup).
+``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RawBatches` hands whole
+slices to ``model.fit`` under any backend, whose train step augments them (``train_step``: the
+window, crop, warps and mixup of ``augment.OPS``).
 ``hnseg train --data FILE.npz`` trains from it (``training.sources.ArrayData``).
 
 Compact on purpose (a call to that machine carries at most 64 MiB):
@@ -35,7 +34,6 @@ import numpy as np
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import atomic_path, refuse_existing
-from hnseg_keras.inputs import targets
 
 FORMAT = "hnseg-slice-arrays/1"
 MAX_ORGANS = 8
@@ -176,30 +174,6 @@ class _UniformBatches(keras.utils.PyDataset):
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, self.epoch * self.steps + i])
         return rng, rng.integers(0, len(self.arrays), self.batch_size)
-
-
-class RandomCropBatches(_UniformBatches):
-    """Batches ``(x, y)``, each example randomly cropped to ``crop`` px (the whole slice when None)."""
-
-    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, crop: int | None, seed: int = 0, **kwargs):
-        super().__init__(arrays, batch_size, steps, seed, **kwargs)
-        height, width = arrays.planes.shape[1:]
-        if crop is not None and not 0 < crop <= min(height, width):
-            raise HnsegError(f"crop {crop} must be 1..{min(height, width)} for {height}x{width} slices")
-        self.crop = crop or min(height, width)
-
-    def __getitem__(self, i):
-        rng, index = self._draw(i)
-        height, width = self.arrays.planes.shape[1:]
-        ys = rng.integers(0, height - self.crop + 1, self.batch_size)
-        xs = rng.integers(0, width - self.crop + 1, self.batch_size)
-        rows = ys[:, None] + np.arange(self.crop)  # [B, crop]
-        cols = xs[:, None] + np.arange(self.crop)
-        take = (np.arange(self.batch_size)[:, None, None], rows[:, :, None], cols[:, None, :])
-        images = self.arrays.images(index)[take]
-        masks = self.arrays.organ_masks(index)[take]
-        y = targets.pack_targets(masks, np.zeros(masks.shape, np.float32), self.arrays.annotated[index])
-        return images, keras.ops.convert_to_numpy(y)
 
 
 class RawBatches(_UniformBatches):

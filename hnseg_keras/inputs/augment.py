@@ -1,17 +1,12 @@
-"""Batched training augmentation in ``keras.ops``: window, random crop, elastic/grid warp, weighted mixup.
+"""Batched training augmentation in ``keras.ops``: the ops of ``OPS`` (window, crop + warp, mixup).
 
-A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU, C neighbouring slices),
-``masks [B,H,W,O]`` ({0, 1}), ``dist_maps [B,H,W,O]`` (signed pixels, negative inside) and
-``annotated [B,O]`` ({0, 1}). Every random draw comes from an explicit stateless seed (int32 [2]):
-the same seed and batch give the same output. Per-op seeds are derived from it with
-:func:`sub_seed`, and every draw has a leading batch axis, so each sample gets its own crop offset
-and warp field even when the batch size is unknown while tracing.
-
-Crop and warp are one pass of one bilinear resampler (:func:`bilinear_sample`): sampling
-coordinates = crop offset + identity grid + displacement. The same field moves the image, the
-masks (bilinear, then ``>= 0.5`` so they stay binary) and the distance maps (bilinear). Integer
-offsets with zero displacement copy pixels exactly. The functions run in ``tf.data`` (``map``
-after ``batch``), in ``tf.function(jit_compile=True)`` and, being ``keras.ops`` only, under JAX.
+A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU), ``masks [B,H,W,O]`` ({0, 1}),
+``dist_maps [B,H,W,O]`` (signed pixels, negative inside), ``annotated [B,O]``. Every random draw
+comes from an explicit stateless seed (int32 [2]; per-op seeds from :func:`sub_seed`) with a leading
+batch axis, so each sample gets its own crop and warp. Crop and warp are one bilinear resampling at
+crop offset + identity grid + displacement, the same field for image, masks (then ``>= 0.5``) and
+distance maps; integer offsets without displacement copy pixels exactly. Runs in ``tf.data``, under
+XLA and, being ``keras.ops`` only, under JAX.
 """
 
 from __future__ import annotations
@@ -23,6 +18,8 @@ from collections.abc import Callable
 import keras
 import numpy as np
 from keras import ops
+
+from hnseg_keras.errors import HnsegError
 
 # The soft-tissue window of the paper, the one default of the augmentation, the model and the renderers.
 HU_WINDOW: tuple[float, float] = (-155.0, 195.0)
@@ -178,15 +175,6 @@ def _sampling_coords(offsets, displacement, out_hw):
     return coord_y, coord_x
 
 
-def resample(values, offsets, displacement, out_hw: tuple[int, int]):
-    """Crop and warp in one pass: sample ``values`` [B,Hi,Wi,C] at ``offset + identity grid + displacement``.
-
-    offsets [B,2] (y, x) crop corner in input pixels; displacement [B,Ho,Wo,2] (dy, dx) pixels or None.
-    Returns float32 [B,Ho,Wo,C].
-    """
-    return bilinear_sample(values, *_sampling_coords(offsets, displacement, out_hw))
-
-
 def crop_offsets(draw, in_hw, out_hw: tuple[int, int]):
     """Integer crop corners [B,2] (float32) from uniform draws [B,2]: uniform in [0, in - out]."""
     span = ops.convert_to_tensor([float(in_hw[0] - out_hw[0] + 1), float(in_hw[1] - out_hw[1] + 1)])
@@ -250,13 +238,19 @@ def grid_from_stretch(stretch, out_hw: tuple[int, int]):
     return ops.stack([dy, dx], axis=-1)
 
 
-def output_hw(image, config: AugmentConfig):
-    """(input, output) static (H, W) of a batch image under ``config``'s crop; checks the crop fits."""
-    in_hw = _static_hw(image)
-    out_hw = (config.crop_size, config.crop_size) if config.crop_size else in_hw
+def check_crop(crop_size: int | None, in_hw: tuple[int, int]) -> tuple[int, int]:
+    """The one crop check: output (H, W) of ``crop_size`` on ``in_hw`` slices (None: no crop)."""
+    out_hw = (crop_size, crop_size) if crop_size else tuple(in_hw)
     if in_hw[0] < out_hw[0] or in_hw[1] < out_hw[1]:
-        raise ValueError(f"crop_size {config.crop_size} is larger than the input slices {in_hw}")
-    return in_hw, out_hw
+        raise HnsegError(f"crop_size {crop_size} is larger than the slices ({in_hw[0]}x{in_hw[1]}); choose "
+                         f"crop_size <= {min(in_hw)}")
+    return out_hw
+
+
+def output_hw(image, config: AugmentConfig):
+    """(input, output) static (H, W) of a batch image under ``config``'s crop."""
+    in_hw = _static_hw(image)
+    return in_hw, check_crop(config.crop_size, in_hw)
 
 
 def centre_crop(batch: dict, size: int | None) -> dict:
@@ -267,8 +261,7 @@ def centre_crop(batch: dict, size: int | None) -> dict:
     if not size:
         return dict(batch)
     height, width = _static_hw(batch["image"])
-    if height < size or width < size:
-        raise ValueError(f"crop size {size} is larger than the input slices {(height, width)}")
+    check_crop(size, (height, width))
     top, left = (height - size) // 2, (width - size) // 2
     out = dict(batch)
     for key in SPATIAL_KEYS:
@@ -441,18 +434,10 @@ def _mixup_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights
 
 @dataclasses.dataclass(frozen=True)
 class AugmentOp:
-    """One step of the training augmentation.
-
-    Attributes:
-        name: key of its parameters in the dict :func:`draw_params` returns.
-        enabled: ``config -> bool``.
-        draw: ``(seed, batch_size, in_hw, out_hw, config) -> dict`` of per-sample parameters, every
-            random number from ``seed`` (None: no parameters).
-        apply: ``(batch, params, config, organ_weights) -> batch``, deterministic.
-        compilable: ``apply`` may run as an XLA-compiled function inside tf.data (worth it for the
-            resampling only; the random draws never run there: TF's stateless generator is slow under
-            XLA on CPU). In the train step everything runs in the step's own compiled function.
-    """
+    """One step of the augmentation: ``draw(seed, batch_size, in_hw, out_hw, config) -> params`` (every
+    random number; None: none), ``apply(batch, params, config, organ_weights) -> batch`` (deterministic),
+    and whether tf.data may XLA-compile ``apply`` (worth it for the resampling only; TF's stateless
+    generator is slow under XLA on CPU, so draws never run there)."""
 
     name: str
     enabled: Callable[[AugmentConfig], bool]

@@ -15,7 +15,6 @@ where each batch carries its own stateless seed, so the stream is reproducible f
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -115,20 +114,6 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
 # ----------------------------------------------------------------------------- manifest wrappers
 
 
-def _manifest(manifest_path):
-    from hnseg_keras.data.shards import Manifest
-
-    return Manifest.load(manifest_path)
-
-
-def _check_crop(manifest, augment_config: AugmentConfig, manifest_path) -> None:
-    size = augment_config.crop_size
-    height, width = manifest.image_shape[:2]
-    if size and (size > height or size > width):
-        raise HnsegError(f"{manifest_path}: crop_size {size} is larger than the slices ({height}x{width}); "
-                         f"choose crop_size <= {min(height, width)}")
-
-
 def organ_weights_from_manifest(manifest, split: str = "train") -> np.ndarray:
     """float32 [O] mixup weights: 1 / foreground-slice count of each organ in ``split``.
 
@@ -161,17 +146,18 @@ def intensity_stats(manifest, window: tuple[float, float] | None) -> tuple[float
 
 
 def train_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
-                  augment_config: AugmentConfig | None = None, split: str = "train") -> tf.data.Dataset:
-    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights."""
-    from hnseg_keras.data.shards import read_split
+                  augment_config: AugmentConfig | None = None, split: str = "train",
+                  organ_weights=None) -> tf.data.Dataset:
+    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights (from the
+    manifest unless given, e.g. by a caller that has it loaded already)."""
+    from hnseg_keras.data.shards import Manifest, read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    manifest = _manifest(manifest_path)
-    _check_crop(manifest, augment_config, manifest_path)
+    if organ_weights is None:
+        organ_weights = organ_weights_from_manifest(Manifest.load(manifest_path), "train")
     examples = read_split(manifest_path, split, shuffle_seed=pipeline_config.seed,
                           cycle_length=pipeline_config.parallel_reads)
-    return build_train_dataset(examples, pipeline_config, augment_config,
-                               organ_weights_from_manifest(manifest, "train"))
+    return build_train_dataset(examples, pipeline_config, augment_config, organ_weights)
 
 
 def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
@@ -181,12 +167,5 @@ def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: Pipeli
     from hnseg_keras.data.shards import read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    manifest = _manifest(manifest_path)
-    _check_crop(manifest, augment_config, manifest_path)
     examples = read_split(manifest_path, split, cycle_length=pipeline_config.parallel_reads)
     return build_validation_dataset(examples, pipeline_config, augment_config)
-
-
-def without_augmentation(config: AugmentConfig) -> AugmentConfig:
-    """The same window and crop size with warps and mixup off (for previews and ablations)."""
-    return dataclasses.replace(config, warp_probability=0.0, mixup=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hnseg_keras.data.shards import SPLITS, Manifest, sha256_file
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inputs.arrays import RandomCropBatches, RawBatches, SliceArrays
+from hnseg_keras.inputs.arrays import RawBatches, SliceArrays
 
 TRAIN, VALIDATION = SPLITS[0], SPLITS[1]
 
@@ -73,7 +73,7 @@ class ShardData:
 
         batch = config.pipeline.batch_size
         steps = config.steps_per_epoch or self.slices(TRAIN) // batch
-        train_ds = train_dataset(self.path, config.pipeline, config.augment).repeat()
+        train_ds = train_dataset(self.path, config.pipeline, config.augment, organ_weights=self.organ_weights()).repeat()
         val_ds = validation_dataset(self.path, config.pipeline, config.augment)
         val_steps = config.validation_steps
         if multi_worker:
@@ -100,8 +100,7 @@ def _shard_options(policy):
 
 class ArrayData:
     """One split written by ``hnseg arrays`` (uint8 planes over its window); no validation split, no
-    distance maps (the boundary term sees zeros). Batches: host-side random crops, or whole slices
-    for the train step when the config augments on the device, warps or mixes."""
+    distance maps (the boundary term sees zeros). Batches are whole slices; the train step augments."""
 
     needs_tensorflow = False
 
@@ -129,20 +128,15 @@ class ArrayData:
         return self.arrays.organ_weights()
 
     def augments_on_device(self, config) -> bool:
-        """Asked for, or warps or mixup are on (the host side of this source only crops)."""
-        augment = config.augment
-        return config.pipeline.augment_on_device or augment.warp_probability > 0 or augment.mixup
+        return True
 
     def batches(self, config, multi_worker: bool = False):
         """``(train, None, steps_per_epoch, None, example)``; ``example`` is one raw batch for the train step."""
         if multi_worker:
             raise HnsegError(f"{self.path}: arrays train on one worker; unset TF_CONFIG")
-        cfg, augment = config.pipeline, config.augment
+        cfg = config.pipeline
         steps = config.steps_per_epoch or max(1, len(self.arrays) // cfg.batch_size)
-        workers = {"workers": 4 if cfg.parallel_calls < 0 else cfg.parallel_calls, "use_multiprocessing": False}
-        if self.augments_on_device(config):
-            batches = RawBatches(self.arrays, cfg.batch_size, steps, seed=cfg.seed, **workers)
-            return batches, None, steps, None, batches[0]
-        return RandomCropBatches(self.arrays, cfg.batch_size, steps, augment.crop_size, seed=cfg.seed,
-                                 **workers), None, steps, None, None
+        batches = RawBatches(self.arrays, cfg.batch_size, steps, seed=cfg.seed, use_multiprocessing=False,
+                             workers=4 if cfg.parallel_calls < 0 else cfg.parallel_calls)
+        return batches, None, steps, None, batches[0]
 

@@ -32,7 +32,7 @@ import keras
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inference import model_io
-from hnseg_keras.inputs.augment import HU_RANGE, AugmentConfig
+from hnseg_keras.inputs.augment import HU_RANGE, AugmentConfig, check_crop
 from hnseg_keras.inputs.batching import PipelineConfig
 from hnseg_keras.inputs.train_step import augment_in_train_step, augmenter
 from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
@@ -150,29 +150,20 @@ def preset(variant: str) -> TrainConfig:
                        pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory"))
 
 
-def load_config(variant: str | None = None, config_file: str | os.PathLike | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Resolve a TrainConfig: variant preset <- config file (partial JSON) <- ``key=value`` overrides.
-
-    The variant is ``variant`` if given, else the file's ``"variant"``, else S.
-    """
-    data = {}
-    if config_file is not None:
-        data = configs.read_json(config_file)
+def load_config(variant: str | None = None, config: str | os.PathLike | dict | None = None,
+                overrides: list[str] | tuple[str, ...] = (), where: str | None = None) -> TrainConfig:
+    """Resolve a TrainConfig: variant preset <- config (a partial JSON file, or its dict read already,
+    named ``where`` in errors) <- ``key=value`` overrides. The variant is ``variant`` if given, else
+    the config's ``"variant"``, else S."""
+    data, where = (config, where) if isinstance(config, dict) else ({}, config)
+    if config is not None and not isinstance(config, dict):
+        data = configs.read_json(config)
         if not isinstance(data, dict):
-            raise HnsegError(f"{config_file}: a train config must be a JSON object, e.g. {{\"epochs\": 10}}")
-    return config_from_dict(variant, data, overrides, config_file)
-
-
-def config_from_dict(variant: str | None, data: dict, overrides: list[str] | tuple[str, ...] = (),
-                     where: str | os.PathLike | None = None) -> TrainConfig:
-    """:func:`load_config` from an already read (partial) config dict; ``where`` names it in errors."""
-    name = variant or data.get("variant") or "S"
-    base = configs.to_dict(preset(name))
+            raise HnsegError(f"{config}: a train config must be a JSON object, e.g. {{\"epochs\": 10}}")
+    base = configs.to_dict(preset(variant or data.get("variant") or "S"))
     merged = _merge(base, {**data, "variant": base["variant"]}, str(where))
     try:
-        config = configs.from_dict(TrainConfig, merged)
-        return configs.replace_from_overrides(config, list(overrides))
+        return configs.replace_from_overrides(configs.from_dict(TrainConfig, merged), list(overrides))
     except HnsegError as error:
         prefix = f"{where}: " if where is not None and not overrides else ""
         raise HnsegError(f"{prefix}{error}") from None
@@ -205,12 +196,10 @@ def resolve_for_data(config: TrainConfig, data) -> TrainConfig:
     if config.model.window != config.augment.window:
         raise HnsegError(f"model.window={config.model.window} differs from augment.window="
                          f"{config.augment.window}; set both to the same HU window")
-    height = data.image_shape[0]
-    size = config.augment.crop_size or height
-    multiple = config.model.size_multiple
-    if size > height or size % multiple:
-        raise HnsegError(f"augment.crop_size={config.augment.crop_size} must be <= the slice size {height} "
-                         f"and a multiple of {multiple}")
+    size = check_crop(config.augment.crop_size, data.image_shape[:2])[0]
+    if size % config.model.size_multiple:
+        raise HnsegError(f"augment.crop_size={config.augment.crop_size}: the training slices must be a multiple of "
+                         f"{config.model.size_multiple} px for this U-Net; choose such a crop_size")
     batch = config.pipeline.batch_size
     if data.slices(TRAIN) < batch:
         raise HnsegError(f"{data.path}: {data.slices(TRAIN)} train slices are fewer than the batch size {batch}; "

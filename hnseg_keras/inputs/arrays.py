@@ -32,6 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import atomic_path, refuse_existing
 
@@ -207,7 +208,7 @@ def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.Pat
     window = tuple(window) if window is not None else augment.HU_WINDOW
     hu_mean, hu_std = pipeline.intensity_stats(manifest, window)
     examples = read_split(manifest_path, split).as_numpy_iterator()
-    arrays = from_examples(examples, manifest.organs, manifest.slicing, window,
+    arrays = from_examples(examples, manifest.organs, configs.to_dict(manifest.slicing), window,
                            {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
                             "manifest": manifest_path.resolve().parent.name,
                             "manifest_sha256": sha256_file(manifest_path),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hnseg_keras import configs
 from hnseg_keras.data.shards import SPLITS, Manifest, sha256_file
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs.arrays import RawBatches, SliceArrays
@@ -44,7 +45,7 @@ class ShardData:
             if not self.manifest.splits.get(split, {}).get("slices"):
                 raise HnsegError(f"{self.path}: split {split!r} has no slices; prepare more cases")
         self.organs = tuple(self.manifest.organs)
-        self.slicing = dict(self.manifest.slicing)
+        self.slicing = configs.to_dict(self.manifest.slicing)
         self.image_shape = tuple(int(v) for v in self.manifest.image_shape)
         self.organ_definitions = self.manifest.organ_definitions
         self.name, self.sha256 = self.path.resolve().parent.name, sha256_file(self.path)

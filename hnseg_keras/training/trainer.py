@@ -1,8 +1,9 @@
-"""``hnseg train``: fit the residual U-Net on prepared data into a run folder.
+"""``hnseg train``: fit the residual U-Net on prepared data (shards or an arrays file) into a run folder.
 
 Run folder::
 
     config.json        the resolved TrainConfig (model normalisation filled in from the data)
+    data.json          organs, organ definitions, slicing, image shape, normalisation, data folder name
     history.csv        one row per epoch (CSVLogger; ``epoch`` is 0-based), resumed runs append
     best.keras         model of the best ``val_dice`` so far
     final.keras        model after the last epoch (interrupted.keras after Ctrl-C)

@@ -398,10 +398,6 @@ def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
     return {"image": window_image(batch["image"], window), **out}
 
 
-def _window_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
-    return cast_and_window(batch, config.window)
-
-
 def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
     """Crop corner [B,2] and warp field [B,Ho,Wo,2] (or none): the warp field is derived here, with the
     draws, so that the application is a pure resampling (the part worth compiling with XLA)."""
@@ -448,7 +444,7 @@ class AugmentOp:
 
 # The one composition, in order, iterated by the tf.data pipeline and by the on-device train step.
 OPS: tuple[AugmentOp, ...] = (
-    AugmentOp("window", lambda config: True, None, _window_apply),
+    AugmentOp("window", lambda config: True, None, lambda batch, _, config, __: cast_and_window(batch, config.window)),
     AugmentOp("crop_and_warp", lambda config: True, _crop_warp_draw, _crop_warp_apply, compilable=True),
     AugmentOp("mixup", lambda config: config.mixup, _mixup_draw, _mixup_apply),
 )

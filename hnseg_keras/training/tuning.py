@@ -223,7 +223,8 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
                     model.set_weights(build_compiled_model(config, self.organs).get_weights())
                 training.write_run_files(run, resolved, training.describe_data(config, self.data))
                 _write_hparams(run / "logs", tuned_fields(config), f"{trial_id}/{execution}")
-                train_trial(config, model, run, self.data, callbacks, initial_epoch)
+                # the loop `hnseg train` runs; KerasTuner's callbacks after the training ones
+                training.fit_run(config, model, run, self.data, callbacks, initial_epoch)
         except HnsegError as error:  # a config or data problem fails every trial alike: stop the search
             raise SearchStopped(str(error)) from None
         return trial_result(run)
@@ -265,12 +266,6 @@ def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
     with writer.as_default():
         hparams_api.hparams({key: value for key, value in values.items() if value is not None}, trial_id=session)
     writer.close()
-
-
-def train_trial(config: TrainConfig, model, run: Path, data, tuner_callbacks: list, initial_epoch: int = 0) -> None:
-    """Fit ``model`` (from ``build``) with ``training.fit_run``, the loop ``hnseg train`` uses;
-    ``tuner_callbacks`` (KerasTuner's) run after the training callbacks."""
-    training.fit_run(config, model, run, data, tuner_callbacks, initial_epoch)
 
 
 def trial_result(run: Path) -> dict[str, float]:

@@ -70,20 +70,21 @@ def stage_costs(manifest_path: Path, batch_size: int, config: AugmentConfig, wei
     window = tf.function(lambda b: pipeline.cast_and_window(b, config.window))
     windowed = window(raw)
     seed = tf.constant([1, 2], tf.int32)
-    draw_stage, resample_stage, _ = pipeline._augment_stages(config, tf.constant(weights), batch_size, jit)
-    draw = tf.function(lambda b, s: draw_stage(b, s)[1:])  # windowing is timed on its own
-    offsets, draws, fields = draw(windowed, seed)
-    resample = resample_stage if jit else tf.function(resample_stage)
-    warped, _ = resample(windowed, offsets, draws, fields)
-    mix = tf.function(lambda b, d: augment.apply_mixup(b, d, tf.constant(weights), config.mixup_alpha))
-    mixed = mix(warped, draws)
+    ops = {op.name: op for op in augment.OPS}
+    draw = tf.function(lambda b, s: augment.draw_params(b, s, config))
+    params = draw(windowed, seed)
+    resample = pipeline._op_stage(ops["crop_and_warp"], config, tf.constant(weights), jit)
+    resample = resample if jit else tf.function(resample)
+    warped, _ = resample(windowed, params)
+    mix = tf.function(lambda b, p: augment.apply_mixup(b, p["mixup"], tf.constant(weights), config.mixup_alpha))
+    mixed = mix(warped, params)
     pack = tf.function(targets.to_keras)
     stages = {
         "read+parse": lambda: parse(records),
         "cast+window": lambda: window(raw),
         "draws+fields": lambda: draw(windowed, seed),
-        "crop+warp": lambda: resample(windowed, offsets, draws, fields),
-        "mixup": lambda: mix(warped, draws),
+        "crop+warp": lambda: resample(windowed, params),
+        "mixup": lambda: mix(warped, params),
         "packing": lambda: pack(mixed),
     }
     return {name: _time(function, repeats) for name, function in stages.items()}

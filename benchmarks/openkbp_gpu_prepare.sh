@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build .gpu/ (git-ignored) for benchmarks/openkbp_gpu_ablation.sh: the wheels the GPU machine lacks
-# (it has JAX but no Keras) and the OpenKBP train split as arrays, native and 3.91 mm / k = 2.
+# (it has JAX but no Keras) and the OpenKBP train split as arrays, native and 3.91 mm / k = 2 and k = 1.
 # Shards are prepared first where missing (~4 min each on 2 cores). Carry .gpu with the device run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,4 +24,5 @@ COMMON="--size 96 --empty-margin 3 --empty-share 0.1 --workers 2"
   --organs $ORGANS --spacing 3.91 --neighbours 2 $COMMON
 "$HNSEG" arrays "$WORK/shards" --out .gpu/native_k1_train.npz --force
 "$HNSEG" arrays "$WORK/shards_s391k2" --out .gpu/s391k2_train.npz --force
+"$HNSEG" arrays "$WORK/shards_s391k2" --out .gpu/s391k1_train.npz --neighbours 1 --force
 du -sh .gpu

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Score the models that benchmarks/openkbp_gpu_ablation.sh brought back, here on the CPU:
-# unpack each <run>.keras.gz with its metadata.json, segment the 33 OpenKBP validation cases
+# unpack each <run>.keras.gz with its config.json and data.json, segment the 33 OpenKBP validation cases
 # (`hnseg predict --largest-component`, as the profile does) and evaluate them on the original grid.
 #
 #   benchmarks/openkbp_score_gpu_models.sh FOLDER_WITH_KERAS_GZ DEST [RUN ...]
@@ -26,7 +26,7 @@ for run in "${runs[@]}"; do
   dir=$DEST/$run
   mkdir -p "$dir"
   gunzip -c "$SRC/$run.keras.gz" > "$dir/final.keras"
-  cp "$DEST/.meta/$run/metadata.json" "$dir/metadata.json"
+  cp "$DEST/.meta/$run/config.json" "$DEST/.meta/$run/data.json" "$dir/"  # the run folder describes the model
   "$HNSEG" predict "$DATA" --split validation --model "$dir/final.keras" --out "$dir/pred" \
     --largest-component --force > "$dir/predict.log" 2>&1
   "$HNSEG" evaluate --pred "$dir/pred" --gt "$DATA/validation" --organs $ORGANS --force > "$dir/evaluate.log" 2>&1

@@ -2,17 +2,22 @@
 
 Each stage module defines ``add_arguments(parser)`` and ``run(args) -> int``; modules are
 imported only when their subcommand runs, so ``hnseg --help`` does not load TensorFlow.
+``train`` and ``tune`` live here: they are the one place allowed to join stages (the built-in
+phantom is prepared first when ``--data`` is absent), and they share one builder for their flags.
 A HnsegError anywhere becomes one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
+from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,8 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("hnseg_keras.data.prepare", "convert CT cases into TFRecord slice shards with a manifest"),
     "arrays": ("hnseg_keras.inputs.arrays", "write one prepared split as a compressed .npz (for backends without TensorFlow)"),
     "preview": ("hnseg_keras.inputs.preview", "write a PNG grid of augmented training slices"),
-    "train": ("hnseg_keras.training.trainer", "train a residual U-Net on prepared shards"),
-    "tune": ("hnseg_keras.training.tuning", "KerasTuner search over loss weights and learning rate"),
+    "train": (__name__, "train a residual U-Net on prepared shards (or an `hnseg arrays` file)"),
+    "tune": (__name__, "KerasTuner search over loss weights and learning rate"),
     "export": ("hnseg_keras.inference.export", "export a trained run as a TensorFlow SavedModel"),
     "predict": ("hnseg_keras.inference.prediction", "segment CT volumes with a trained or exported model"),
     "evaluate": ("hnseg_keras.evaluation.scores", "3D Dice, HD95, surface distance and surface Dice tables"),
@@ -39,7 +44,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            module = importlib.import_module(module_name)
+            module = _command(name, module_name)
             module.add_arguments(sub)
     return parser, module
 
@@ -65,6 +70,8 @@ def op_error_line(error: BaseException) -> str | None:
         return None
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0][:400] if lines else 'no message'}"
+
+
 def _version() -> str:
     """The installed package's version (pip install -e . counts), or "unknown"."""
     from importlib import metadata
@@ -73,6 +80,12 @@ def _version() -> str:
         return metadata.version("hnseg-keras")
     except metadata.PackageNotFoundError:
         return "unknown (not installed)"
+
+
+def _command(name: str, module_name: str):
+    if module_name == __name__:
+        return SimpleNamespace(add_arguments=globals()[f"add_{name}_arguments"], run=globals()[f"run_{name}"])
+    return importlib.import_module(module_name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +111,111 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hnseg {argv[0] if argv else ''}: error: {line}".replace("  ", " "), file=sys.stderr)
         return 1
+
+
+# ----------------------------------------------------------------------------- train and tune
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The flags ``train`` and ``tune`` share: which config, which data, where to write."""
+    parser.add_argument("--variant", help="preset S, M or L (default: the config file's, else S)")
+    parser.add_argument("--data", metavar="MANIFEST|NPZ",
+                        help="manifest.json of prepared shards, or an .npz from `hnseg arrays` (any Keras "
+                             "backend); default: the built-in phantom, prepared on first use")
+    parser.add_argument("--config", metavar="FILE", help="JSON train config (partial; e.g. configs/phantom_demo.json)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train config value, repeatable (e.g. --set model.filters=[8,16,32,64,128])")
+    parser.add_argument("--out", help=out_help)
+
+
+def read_config_file(path) -> tuple[dict, dict | None]:
+    """A train config file split into its training part and its optional ``"phantom"`` section."""
+    if path is None:
+        return {}, None
+    data = configs.read_json(path)
+    if not isinstance(data, dict):
+        raise HnsegError(f"{path}: a train config must be a JSON object, e.g. {{\"epochs\": 10}}")
+    data = dict(data)
+    return data, data.pop("phantom", None)
+
+
+def train_config(args: argparse.Namespace, **flags):
+    """The TrainConfig the flags describe; without ``--data`` the built-in phantom is prepared first
+    (the phantom settings come from the config file's ``"phantom"`` section, else the variant's)."""
+    from hnseg_keras.training import trainer
+
+    data, phantom = read_config_file(args.config)
+    config = trainer.load_config(args.variant, data, args.overrides, args.config)
+    flags["data"] = args.data
+    config = dataclasses.replace(config, **{key: value for key, value in flags.items() if value is not None})
+    if config.data is None:
+        from hnseg_keras.data import demo_set
+
+        manifest = demo_set.prepare_phantom(demo_set.phantom_settings(config.variant, phantom))
+        config = dataclasses.replace(config, data=str(manifest), out=config.out or f"runs/phantom-{config.variant}")
+    return config
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "run folder (default: runs/<data>-<variant>)")
+    parser.add_argument("--epochs", type=int, help="number of epochs")
+    parser.add_argument("--batch-size", type=int, help="slices per (global) batch")
+    parser.add_argument("--steps-per-epoch", type=int, help="training batches per epoch")
+    parser.add_argument("--max-minutes", type=float, dest="max_train_minutes",
+                        help="wall-time budget: stop after the epoch that would otherwise end past it")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from hnseg_keras.training import trainer
+
+    config = train_config(args, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, out=args.out,
+                          max_train_minutes=args.max_train_minutes)
+    if args.batch_size is not None:
+        config = dataclasses.replace(config, pipeline=dataclasses.replace(config.pipeline, batch_size=args.batch_size))
+    try:
+        run_dir = trainer.train(config)
+    except KeyboardInterrupt:
+        return 130
+    summary = configs.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    print(f"run folder: {run_dir} (best val_dice {summary.get('best_val_dice')}, "
+          f"{summary.get('epochs_run')} epochs)")
+    return 0
+
+
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from hnseg_keras.training.tuning import TUNERS
+
+    add_config_arguments(parser, "output folder (default: runs/tune-<data>-<variant>); rerun to resume")
+    parser.add_argument("--tuner", default="bayesian", help=f"one of {', '.join(TUNERS)} (default: bayesian)")
+    parser.add_argument("--max-trials", type=int, default=20, help="trials in the search (default: 20)")
+    parser.add_argument("--epochs-per-trial", type=int,
+                        help="epochs of each trial (Hyperband: the maximum; default: the train config's epochs)")
+    parser.add_argument("--executions-per-trial", type=int, default=1,
+                        help="trainings per trial, best val_dice averaged (default: 1)")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the tuner's sampling, >= 1 (default: 1)")
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from hnseg_keras.training import tuning
+
+    tune = tuning.TuneConfig(tuner=str(args.tuner).lower(), max_trials=args.max_trials,
+                             epochs_per_trial=args.epochs_per_trial, executions_per_trial=args.executions_per_trial,
+                             seed=args.seed, out=args.out)
+    base = dataclasses.replace(train_config(args), out=None)
+    try:
+        out = tuning.search(tune, base)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume the search", file=sys.stderr)
+        return 130
+    if tuning.distributed_role() == "worker":
+        print(f"worker {os.environ['KERASTUNER_TUNER_ID']}: no trials left; the chief writes the summary")
+        return 0
+    summary = configs.read_json(out / "top_trials.json")
+    best = summary["trials"][0] if summary["trials"] else None
+    print(f"search folder: {out} ({summary['completed']} trials completed; best val_dice "
+          f"{best['val_dice']:.4f} in trial {best['trial_id']}; best config: {out / 'best_config.json'})"
+          if best else f"search folder: {out} (no completed trial)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hnseg_keras import cli
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import refuse_existing
 
 
 def step(title: str, argv: list[str]) -> None:
@@ -33,9 +34,7 @@ def main() -> int:
                         help="training config override, repeatable (e.g. epochs=5)")
     args = parser.parse_args()
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists():
-        print(f"demo: error: {out} already exists; give a new --out", file=sys.stderr)
-        return 2
+    refuse_existing(out, hint="give a new --out")
     started = time.perf_counter()
     run, model, predictions = out / "run", out / "model", out / "predictions"
     overrides = [item for pair in args.set for item in ("--set", pair)]
@@ -43,7 +42,7 @@ def main() -> int:
     trained = time.perf_counter()
     manifest = Path(json.loads((run / "config.json").read_text())["data"])
     test_cases = manifest.parent / "phantom-cases" / "test"
-    organs = json.loads(manifest.read_text())["organs"]
+    organs = json.loads((run / "data.json").read_text())["organs"]
     step("export", ["export", str(run), "--out", str(model)])
     step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions), "--preview"])
     step("evaluate", ["evaluate", "--pred", str(predictions), "--gt", str(test_cases),

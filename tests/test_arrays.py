@@ -16,7 +16,7 @@ from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import arrays
-from hnseg_keras.inputs.arrays import RandomCropBatches, RawBatches, SliceArrays, from_examples, quantise
+from hnseg_keras.inputs.arrays import RawBatches, SliceArrays, from_examples, quantise
 from hnseg_keras.inputs.augment import AugmentConfig
 from hnseg_keras.inputs.train_step import device_augment
 
@@ -106,30 +106,6 @@ def _positional_examples(size=12, count=6):
     return examples, from_examples(examples, ["BrainStem", "Mandible"], {}, (-10.0, 500.0))  # 2 HU per code
 
 
-def test_random_crops_keep_image_and_masks_aligned():
-    size, crop = 12, 7
-    examples, data = _positional_examples(size)
-    position = examples[0]["image"][..., 1]
-    batches = RandomCropBatches(data, batch_size=5, steps=3, crop=crop, seed=4)
-    x, y = batches[1]
-    x_again, y_again = batches[1]
-    np.testing.assert_array_equal(x, x_again)
-    np.testing.assert_array_equal(y, y_again)
-    assert not np.array_equal(x, batches[2][0])
-    assert x.shape == (5, crop, crop, 3) and y.shape == (5, crop, crop, 4 * 2 + 1)
-    for b in range(5):
-        s = int(round(x[b, 0, 0, 0] / 50))
-        r0, c0 = divmod(int(round(x[b, 0, 0, 1] / 3)), size)
-        window = (slice(r0, r0 + crop), slice(c0, c0 + crop))
-        np.testing.assert_allclose(x[b, ..., 1], position[window], atol=1.01)
-        want = examples[s]["masks"][window].astype(np.float32)
-        np.testing.assert_array_equal(y[b, ..., 0], want[..., 0])
-        np.testing.assert_array_equal(y[b, ..., 1], want[..., 1] if s % 2 else -1.0)  # -1: not annotated
-        np.testing.assert_array_equal(y[b, ..., 8], 1.0)  # lambda: no mixup
-    with pytest.raises(HnsegError, match="crop 13"):
-        RandomCropBatches(data, batch_size=2, steps=1, crop=13)
-
-
 def test_export_matches_the_tfrecord_split(tiny_phantom_root, tmp_path):
     config = PrepareConfig(organs=("BrainStem", "Mandible", "Parotid_L"),
                            slicing=SlicingConfig(size=32, spacing_mm=None, neighbours=1))
@@ -209,8 +185,9 @@ def test_organ_weights_are_inverse_foreground_slice_counts():
     np.testing.assert_allclose(data.organ_weights(), [1.0, 1 / 4])
 
 
-@pytest.mark.parametrize("augment", [[], ["--warp-probability", "1", "--mixup"]], ids=["host-crop", "device-augment"])
-def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
+@pytest.mark.parametrize("augment", [["augment.warp_probability=0"], ["augment.warp_probability=1", "augment.mixup=true"]],
+                         ids=["crop-only", "warp-and-mixup"])
+def test_hnseg_train_on_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
     """The GPU machine's conditions: KERAS_BACKEND=jax and no TensorFlow importable at all."""
     rows, cols = np.indices((32, 32))
     examples = [{"image": np.repeat(np.where((rows - 16) ** 2 + (cols - 10 - s) ** 2 < 30, 60, -50)[..., None], 3,
@@ -220,26 +197,44 @@ def test_train_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):
     data = from_examples(examples, ["BrainStem"], {"size": 32, "spacing_mm": None, "neighbours": 1,
                                                    "empty_slice_margin": 3, "empty_slice_share": 0.1,
                                                    "body_threshold_hu": -500.0}, WINDOW,
-                         {"hu_mean": 0.0, "hu_std": 50.0})
+                         {"hu_mean": 0.0, "hu_std": 50.0, "manifest": "shards", "manifest_sha256": "0" * 64})
     data.save(tmp_path / "train.npz")
     hide = tmp_path / "hide" / "tensorflow"
     hide.mkdir(parents=True)
     (hide / "__init__.py").write_text("raise ImportError('no TensorFlow on this machine')\n")
     env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=f"{hide.parent}{os.pathsep}{REPO}", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "train_arrays.py"), str(tmp_path / "train.npz"),
-                             "--out", str(tmp_path / "run"), "--filters", "4", "8", "--steps", "4", "--epochs", "2",
-                             "--batch-size", "4", "--crop", "16", "--workers", "0", *augment],
+    settings = ["model.filters=[4,8]", "augment.crop_size=16", "pipeline.batch_size=4", "pipeline.parallel_calls=0",
+                "lr_schedule=cosine", *augment]
+    result = subprocess.run([sys.executable, "-m", "hnseg_keras.cli", "train", "--data", str(tmp_path / "train.npz"),
+                             "--out", str(tmp_path / "run"), "--epochs", "2", "--steps-per-epoch", "2",
+                             *[item for value in settings for item in ("--set", value)]],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["backend"] == "jax" and summary["steps_done"] == 4
-    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
-    assert metadata["organs"] == ["BrainStem"] and metadata["input"]["channels"] == 3
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["backend"] == "jax" and summary["status"] == "finished" and summary["epochs_run"] == 2
+    described = json.loads((run / "data.json").read_text())
+    assert described["organs"] == ["BrainStem"] and described["image_shape"] == [32, 32, 3]
+    assert described["normalisation"] == {"window": list(WINDOW), "hu_mean": 0.0, "hu_std": 50.0}
+    assert described["manifest"] == "shards"
     import keras
 
-    from hnseg_keras.inference.export import load_keras_model
+    from hnseg_keras.inference.model_io import load_keras_model
+    from hnseg_keras.inference.prediction import load_predictor
 
-    model = load_keras_model(tmp_path / "run" / "final.keras")  # saved under JAX, loads here
-    assert model.input_shape[-1] == 3 and getattr(model, "optimizer", None) is None
+    model = load_keras_model(run / "final.keras")  # saved under JAX, loads here
+    assert model.input_shape[-1] == 3
     probs = keras.ops.convert_to_numpy(model(data.images([0])))
     assert probs.shape == (1, 32, 32, 1) and np.all((probs >= 0) & (probs <= 1))
+    assert load_predictor(run).organs == ("BrainStem",)  # the run folder describes itself
+
+
+def test_arrays_without_validation_refuse_the_plateau_schedule(tmp_path, capsys):
+    _, data = _positional_examples(count=6)
+    data.save(tmp_path / "train.npz")
+    from hnseg_keras import cli
+
+    assert cli.main(["train", "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "lr_schedule=cosine" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

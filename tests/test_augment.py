@@ -17,6 +17,27 @@ ELASTIC = AugmentConfig(window=None, crop_size=40, warp_probability=1.0, grid=Fa
 GRID = dataclasses.replace(ELASTIC, elastic=False, grid=True, grid_steps=4, grid_distort_limit=0.4)
 
 
+CROP_WARP, MIXUP = (next(op for op in augment.OPS if op.name == name) for name in ("crop_and_warp", "mixup"))
+
+
+def crop_and_warp(batch, seed, config):
+    """The crop + warp op alone (no window, no mixup), its parameters drawn from ``seed``."""
+    config = dataclasses.replace(config, mixup=False)
+    return CROP_WARP.apply(batch, augment.draw_params(batch, seed, config)["crop_and_warp"], config)
+
+
+def resample(values, offsets, field, out_hw):
+    """``values`` resampled as the distance maps are (bilinear, no threshold)."""
+    batch = {"image": values, "masks": values, "dist_maps": values}
+    return augment.resample_batch(batch, offsets, field, out_hw)["dist_maps"].numpy()
+
+
+def warp_field(seed, batch_size, hw, **settings):
+    """The warp field the crop + warp op draws when every sample is warped (no crop)."""
+    config = AugmentConfig(crop_size=None, warp_probability=1.0, mixup=False, **settings)
+    return CROP_WARP.draw(seed, batch_size, hw, hw, config)["field"]
+
+
 def _batch(image, masks, dist_maps=None):
     """A float32 batch dict from [B,H,W,C] image and [B,H,W,O] masks."""
     masks = np.asarray(masks, np.float32)
@@ -42,7 +63,7 @@ def _disc_sdm(size=48, radius=12.0):
 @pytest.mark.parametrize("config", [ELASTIC, GRID], ids=["elastic", "grid"])
 def test_checkerboard_image_and_mask_move_together(config):
     board = _checkerboard(6)
-    out = augment.crop_and_warp(_batch(board * 1.0, board), [7, 1], config)
+    out = crop_and_warp(_batch(board * 1.0, board), [7, 1], config)
     image, masks = out["image"].numpy()[..., 0], out["masks"].numpy()[..., 0]
     np.testing.assert_array_equal(image >= 0.5, masks == 1.0)
     assert set(np.unique(masks)) <= {0.0, 1.0}
@@ -56,10 +77,10 @@ def test_zero_displacement_and_integer_offset_is_an_exact_copy():
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3, 20, 24, 5)).astype(np.float32)
     offsets = np.array([[0, 0], [3, 1], [4, 8]], np.float32)
-    out = augment.resample(values, offsets, np.zeros((3, 16, 16, 2), np.float32), (16, 16)).numpy()
+    out = resample(values, offsets, np.zeros((3, 16, 16, 2), np.float32), (16, 16))
     for b, (y, x) in enumerate(offsets.astype(int)):
         np.testing.assert_array_equal(out[b], values[b, y : y + 16, x : x + 16])
-    whole = augment.resample(values, np.zeros((3, 2)), None, (20, 24)).numpy()
+    whole = resample(values, np.zeros((3, 2), np.float32), None, (20, 24))
     np.testing.assert_array_equal(whole, values)
 
 
@@ -67,7 +88,7 @@ def test_crop_offsets_are_integers_drawn_per_sample():
     rng = np.random.default_rng(1)
     image = rng.normal(size=(1, 48, 48, 1)).astype(np.float32).repeat(16, axis=0)
     config = dataclasses.replace(ELASTIC, warp_probability=0.0)
-    out = augment.crop_and_warp(_batch(image, np.zeros((16, 48, 48, 1))), [3, 4], config)["image"].numpy()
+    out = crop_and_warp(_batch(image, np.zeros((16, 48, 48, 1))), [3, 4], config)["image"].numpy()
     found = []
     for sample in out:  # each output is an exact copy of exactly one integer crop
         hits = [(y, x) for y in range(9) for x in range(9) if np.array_equal(sample, image[0, y : y + 40, x : x + 40])]
@@ -77,7 +98,7 @@ def test_crop_offsets_are_integers_drawn_per_sample():
 
 
 def test_elastic_components_are_independent_smooth_and_of_size_alpha():
-    field = augment.elastic_displacement([11, 2], 400, (16, 16), alpha=3.0, sigma=4.0).numpy()
+    field = warp_field([11, 2], 400, (16, 16), elastic_alpha=3.0, elastic_sigma=4.0, grid=False).numpy()
     dy, dx = field[:, 8, 8, 0], field[:, 8, 8, 1]
     assert abs(np.corrcoef(dy, dx)[0, 1]) < 0.15  # 400 independent samples: 3 standard errors
     assert 2.7 < dy.std() < 3.3 and 2.7 < dx.std() < 3.3
@@ -88,7 +109,7 @@ def test_elastic_components_are_independent_smooth_and_of_size_alpha():
 
 
 def test_grid_distortion_is_piecewise_linear_per_axis_with_fixed_border():
-    field = augment.grid_displacement([5, 5], 4, (33, 33), steps=4, limit=0.3).numpy()
+    field = warp_field([5, 5], 4, (33, 33), elastic=False, grid_steps=4, grid_distort_limit=0.3).numpy()
     np.testing.assert_allclose(field[..., 0], field[:, :, :1, 0].repeat(33, axis=2))  # dy depends on row only
     np.testing.assert_allclose(field[..., 1], field[:, :1, :, 1].repeat(33, axis=1))  # dx on column only
     np.testing.assert_allclose(field[:, [0, -1], :, 0], 0.0, atol=1e-4)
@@ -103,7 +124,7 @@ def test_distance_map_sign_follows_the_warped_mask(config):
     disc, sdm = _disc_sdm()
     masks = np.broadcast_to(disc[None, :, :, None], (8, 48, 48, 1))
     dist = np.broadcast_to(sdm[None, :, :, None], (8, 48, 48, 1))
-    out = augment.crop_and_warp(_batch(masks, masks, dist), [2, 9], config)
+    out = crop_and_warp(_batch(masks, masks, dist), [2, 9], config)
     warped_mask, warped_dist = out["masks"].numpy(), out["dist_maps"].numpy()
     assert set(np.unique(warped_mask)) == {0.0, 1.0}
     agreement = np.mean((warped_dist < 0) == (warped_mask == 1.0))
@@ -135,10 +156,10 @@ def test_unknown_batch_size_still_gives_one_field_per_sample():
 
     @tf.function(input_signature=[spec, tf.TensorSpec([2], tf.int32)])
     def run(batch, seed):
-        return augment.crop_and_warp(batch, seed, config)
+        return crop_and_warp(batch, seed, config)
 
     traced = run(batch, tf.constant([4, 4]))
-    eager = augment.crop_and_warp(batch, [4, 4], config)
+    eager = crop_and_warp(batch, [4, 4], config)
     np.testing.assert_allclose(traced["dist_maps"].numpy(), eager["dist_maps"].numpy(), atol=1e-4)
     out = traced["masks"].numpy()
     distinct = {out[b].tobytes() for b in range(6)}
@@ -157,7 +178,8 @@ def test_slice_weights_sum_present_organs_and_fall_back_to_the_smallest():
 def test_partner_frequencies_follow_the_weights():
     base = np.array([1.0, 0.25, 1.25, 0.25], np.float32)
     weights = np.tile(base, 1000)  # a batch of 4000: partner index mod 4 follows base / sum(base)
-    partners = augment.draw_partners([21, 3], weights).numpy()
+    draws = np.random.default_rng(21).random(weights.size).astype(np.float32)
+    partners = np.asarray(augment.partners_from_uniform(weights, draws))
     assert partners.min() >= 0 and partners.max() < 4000
     counts = np.bincount(partners % 4, minlength=4)
     expected = base.astype(np.float64) / base.sum() * partners.size
@@ -172,7 +194,9 @@ def test_mixup_mixes_images_and_carries_the_partner_targets():
         masks[b, b, :, b] = 1.0  # sample b: organ b in row b
     batch = _batch(image, masks, masks * -3.0)
     batch["annotated"] = np.eye(batch_size, dtype=np.float32)
-    out = augment.weighted_mixup(batch, [8, 8], np.full(batch_size, 0.2, np.float32), 0.2)
+    config = AugmentConfig(mixup_alpha=0.2)
+    out = MIXUP.apply(batch, MIXUP.draw([8, 8], batch_size, None, None, config), config,
+                      np.full(batch_size, 0.2, np.float32))
     lam = out["lam"].numpy()
     partner = out["partner_annotated"].numpy().argmax(axis=1)
     np.testing.assert_array_equal(np.asarray(out["masks"]), masks)  # masks are not mixed
@@ -183,7 +207,7 @@ def test_mixup_mixes_images_and_carries_the_partner_targets():
 
 
 def test_lambda_follows_beta_0_2():
-    lam = augment.sample_beta([31, 7], (20000,), 0.2).numpy()
+    lam = augment.beta_from_draws(MIXUP.draw([31, 7], 20000, None, None, AugmentConfig()), 0.2).numpy()
     assert lam.min() >= 0.0 and lam.max() <= 1.0
     assert abs(lam.mean() - 0.5) < 0.015  # sd of Beta(.2,.2) is 0.42: 5 standard errors
     # Kolmogorov-Smirnov distance on [0.001, 0.999] (float32 rounds the heavy tails onto 0 and 1),

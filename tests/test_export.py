@@ -14,16 +14,19 @@ import pytest
 from hnseg_keras import configs
 from hnseg_keras.cli import main
 from hnseg_keras.data.cases import Case
-from hnseg_keras.data.shards import Manifest
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inference.export import export_run, normalisation_of, padding_for
+from hnseg_keras.inference import model_io
+from hnseg_keras.inference.export import export_run
+from hnseg_keras.inference.model_io import normalisation_of, padding_for
 from hnseg_keras.inference.prediction import load_predictor, segment_case
 from hnseg_keras.model.unet import build_unet, variant_config
 from hnseg_keras.training.trainer import TrainConfig
 
 ORGANS = ("BrainStem", "Parotid_L", "Parotid_R")
 SLICING = SlicingConfig(size=40, spacing_mm=1.0, neighbours=1)  # 40 is not a multiple of 16: padded to 48
+DEFINITIONS = {"BrainStem": {"label": 1, "aliases": ["Brainstem"], "partner": None, "tolerance_mm": 2.5,
+                              "colour": [255, 64, 64]}}
 MODEL = variant_config("S", filters=(4, 4, 8, 8, 8), num_organs=3, input_channels=3, hu_mean=20.0, hu_std=90.0)
 
 
@@ -40,15 +43,16 @@ def randomise(model: keras.Model, seed: int = 0) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run folder as `hnseg train` leaves it: config.json naming a manifest, best.keras."""
+    """A run folder as `hnseg train` leaves it: config.json, data.json, best.keras; its shards are gone."""
     root = tmp_path_factory.mktemp("export_run")
-    manifest_path = root / "data" / "manifest.json"
-    Manifest(organs=list(ORGANS), slicing=configs.to_dict(SLICING), image_shape=[40, 40, 3],
-             complete=True).save(manifest_path)
     run = root / "run"
     run.mkdir()
-    config = TrainConfig(variant="S", model=MODEL, data=str(manifest_path))
+    config = TrainConfig(variant="S", model=MODEL, data=str(root / "gone" / "manifest.json"))
     configs.write_json_atomic(run / "config.json", configs.to_dict(config))
+    description = model_io.data_description(ORGANS, SLICING, (40, 40, 3),
+                                            {"window": [-155.0, 195.0], "hu_mean": 20.0, "hu_std": 90.0},
+                                            "gone", "ab" * 32, DEFINITIONS)
+    configs.write_json_atomic(run / "data.json", description)
     model = build_unet(MODEL)
     randomise(model)
     model.save(run / "best.keras")
@@ -89,7 +93,9 @@ def test_export_folder_and_metadata(exported, run_dir):
     assert meta["window"] == [-155.0, 195.0] and meta["hu_mean"] == 20.0 and meta["hu_std"] == 90.0
     assert meta["input"]["height"] == 40 and meta["input"]["channels"] == 3
     assert meta["input"]["padding"] == [[4, 4], [4, 4]] and meta["input"]["size_multiple"] == 16
-    assert meta["source_run"] == run_dir.name and meta["which"] == "best"
+    assert meta["source_run"] == "run" and meta["which"] == "best"
+    assert meta["organ_definitions"] == DEFINITIONS and meta["manifest"] == "gone"
+    assert "/" not in json.dumps({key: value for key, value in meta.items() if key not in ("model_config", "files")})
     assert meta["self_check_max_abs_diff"] <= 1e-5
 
 
@@ -158,4 +164,10 @@ def test_export_cli_errors(run_dir, exported, tmp_path, capsys):
     assert "--force" in one_line()
     assert main(["export", str(run_dir), "--out", str(tmp_path / "x"), "--which", "final"]) == 2
     assert "best.keras" in one_line()
+    moved = tmp_path / "old_run"
+    moved.mkdir()
+    (moved / "best.keras").write_bytes((run_dir / "best.keras").read_bytes())
+    (moved / "config.json").write_text((run_dir / "config.json").read_text())
+    assert main(["export", str(moved), "--out", str(tmp_path / "x")]) == 2
+    assert "data.json" in one_line()
     assert not (tmp_path / "x").exists()

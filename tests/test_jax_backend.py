@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pytest
 
-from hnseg_keras.inputs.augment import AugmentConfig, apply_augmentation, draw_augmentation
+from hnseg_keras.inputs.augment import AugmentConfig, apply_ops, draw_params
 from hnseg_keras.inputs.targets import pack_targets
 from hnseg_keras.model.losses import SegmentationLoss
 from hnseg_keras.model.metrics import dice_metrics
@@ -58,7 +58,7 @@ JAX_SCRIPT = textwrap.dedent("""
     import numpy as np
     assert keras.backend.backend() == "jax", keras.backend.backend()
     from hnseg_keras.model import unet as _registers_layers  # noqa: F401
-    from hnseg_keras.inputs.augment import AugmentConfig, apply_augmentation
+    from hnseg_keras.inputs.augment import AugmentConfig, apply_ops
     from hnseg_keras.model.losses import SegmentationLoss
     from hnseg_keras.model.metrics import dice_metrics
 
@@ -71,10 +71,14 @@ JAX_SCRIPT = textwrap.dedent("""
     loss_value = float(loss(ref["y"], probs))
     dice = dice_metrics(spec["organs"])[0]
     dice.update_state(ref["y"], probs)
-    draws = {key[6:]: value for key, value in ref.items() if key.startswith("draw__")}
+    params = {}
+    for key, value in ref.items():
+        if key.startswith("draw__"):
+            _, op, name = key.split("__")
+            params.setdefault(op, {})[name] = value
     batch = {key: ref[key] for key in ("image", "masks", "dist_maps", "annotated")}
     augment = AugmentConfig(**{**spec["augment"], "window": tuple(spec["augment"]["window"])})
-    augmented = apply_augmentation(batch, draws, augment, ref["organ_weights"])
+    augmented = apply_ops(batch, params, augment, ref["organ_weights"])
     np.savez(f"{folder}/jax.npz", probs=probs, **{f"aug__{k}": keras.ops.convert_to_numpy(v)
                                                    for k, v in augmented.items()})
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
@@ -96,10 +100,10 @@ def test_model_losses_metrics_and_augmentation_agree_under_jax(tmp_path):
     dice = dice_metrics(ORGANS)[0]
     dice.update_state(y, probs)
     organ_weights = np.array([0.3, 0.7], np.float32)
-    draws = _numpy(draw_augmentation(np.array([5, 9], np.int32), 2, (24, 24), AUGMENT))
-    augmented = _numpy(apply_augmentation(inputs, draws, AUGMENT, organ_weights))
+    params = {op: _numpy(drawn) for op, drawn in draw_params(inputs, np.array([5, 9], np.int32), AUGMENT).items()}
+    augmented = _numpy(apply_ops(inputs, params, AUGMENT, organ_weights))
     np.savez(tmp_path / "inputs.npz", y=y, organ_weights=organ_weights, **inputs,
-             **{f"draw__{key}": value for key, value in draws.items()})
+             **{f"draw__{op}__{key}": value for op, drawn in params.items() for key, value in drawn.items()})
     spec = {"organs": ORGANS, "loss": LOSS, "augment": dataclasses.asdict(AUGMENT)}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
 

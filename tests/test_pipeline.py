@@ -175,8 +175,8 @@ def test_wrappers_read_shards_from_a_manifest(tmp_path):
 
 def test_augment_rejects_a_crop_larger_than_the_slices():
     batch = {key: tf.convert_to_tensor(value[:2]) for key, value in _examples(2).items() if key in pipeline.EXAMPLE_KEYS}
-    with pytest.raises(ValueError, match="crop_size 48"):
-        augment.crop_and_warp(pipeline.cast_and_window(batch, None), [1, 1], dataclasses.replace(AUG, crop_size=48))
+    with pytest.raises(HnsegError, match="crop_size 48"):  # the one crop check, for every caller
+        augment.augment_batch(batch, [1, 1], dataclasses.replace(AUG, crop_size=48))
 
 
 def test_render_tile_draws_each_organ_contour_in_its_colour():

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from hnseg_keras import cli, configs, render
+from hnseg_keras.data import demo_set
 from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import train_step
 from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import sources
 from hnseg_keras.training import trainer as training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -196,6 +198,13 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     printed = json.loads(capsys.readouterr().out.split("\nEpoch")[0])
     assert printed["model"]["num_organs"] == 3 and printed["model"]["hu_std"] > 0
     assert configs.read_json(run / "config.json") == printed
+    described = configs.read_json(run / "data.json")
+    assert described["organs"] == list(ORGANS) and described["image_shape"] == [40, 40, 1]
+    assert described["manifest"] == tiny_manifest.parent.name and len(described["manifest_sha256"]) == 64
+    assert described["normalisation"] == {"window": list(printed["model"]["window"]),
+                                          "hu_mean": printed["model"]["hu_mean"], "hu_std": printed["model"]["hu_std"]}
+    assert described["slicing"] == configs.read_json(tiny_manifest)["slicing"]
+    assert described["organ_definitions"] is None
     history = cb.read_history(run / "history.csv")
     assert [row["epoch"] for row in history] == [0, 1]
     assert {"loss", "val_loss", "val_dice", "val_dice_Mandible", "learning_rate", "epoch_time_s"} <= set(history[0])
@@ -262,8 +271,8 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
     overrides = [*TINY_OVERRIDES, f"data={tiny_manifest}", f"out={out}", "epochs=1", "steps_per_epoch=2"]
     script = textwrap.dedent(f"""
         import tensorflow as tf
-        from hnseg_keras.training import trainer as training
-        strategy = training.strategy_from_environment()
+        from hnseg_keras.training import distributed, trainer as training
+        strategy = distributed.strategy_from_environment()
         assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
         assert strategy.num_replicas_in_sync == 2
         training.train(training.load_config("S", None, {overrides!r}))
@@ -284,7 +293,10 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
 
 def test_phantom_demo_config_file_is_the_s_preset():
     """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
-    assert training.load_config(None, REPO / "configs" / "phantom_demo.json") == training.preset("S")
+    data, phantom = cli.read_config_file(REPO / "configs" / "phantom_demo.json")
+    assert training.load_config(None, data) == training.preset("S")
+    assert demo_set.phantom_settings("S", phantom) == demo_set.demo_phantom()
+    assert demo_set.phantom_settings("S", {"cases": 8}).prepare == demo_set.demo_phantom().prepare
 
 
 # ----------------------------------------------------------------------------- schedule and budget
@@ -362,14 +374,14 @@ def test_cosine_run_under_a_budget_logs_a_falling_learning_rate(tiny_manifest, t
 def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny_manifest, tmp_path):
     """The patched train step augments the raw (batch, seed) itself: same loss and same updated
     weights as a plain step fed the augmented batch; a whole run saves the plain U-Net."""
+    data = sources.open_data(tiny_manifest)
     config = training.resolve_for_data(
         tiny_config(tiny_manifest, tmp_path / "run", "pipeline.augment_on_device=true",
-                    "augment.warp_probability=1.0", "augment.mixup=true", "epochs=1", "steps_per_epoch=2"),
-        tiny_manifest)
-    train_ds, *_ = training.make_datasets(config, tiny_manifest, multi_worker=False)
+                    "augment.warp_probability=1.0", "augment.mixup=true", "epochs=1", "steps_per_epoch=2"), data)
+    train_ds, *_ = data.batches(config)
     batch, seed = next(iter(train_ds))
     assert batch["image"].shape == (4, 40, 40, 1) and seed.shape == (2,)
-    augment = training.device_augmentation(config, tiny_manifest)
+    augment = train_step.augmenter(config.augment, data.organ_weights())
     x, y = augment(batch, seed)
     assert x.shape == (4, 32, 32, 1) and y.shape == (4, 32, 32, 4 * len(ORGANS) + 1)
 

@@ -21,8 +21,8 @@ from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import sources, tuning
 from hnseg_keras.training import trainer as training
-from hnseg_keras.training import tuning
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("BrainStem", "Mandible", "Parotid_L")
@@ -85,9 +85,9 @@ def test_space_defaults_are_the_base_config_and_conditions_hold():
 
 
 def test_build_only_samples_and_compiles_the_normal_model(tiny_data):
-    base = training.resolve_for_data(tiny_base(tiny_data, "learning_rate=0.002"), tiny_data)
-    hypermodel = tuning.LossWeightHyperModel(base, tuning.TuneConfig(epochs_per_trial=4), Path("unused"),
-                                             tiny_data, list(ORGANS))
+    data = sources.open_data(tiny_data)
+    base = training.resolve_for_data(tiny_base(tiny_data, "learning_rate=0.002"), data)
+    hypermodel = tuning.LossWeightHyperModel(base, tuning.TuneConfig(epochs_per_trial=4), Path("unused"), data)
     hp = keras_tuner.HyperParameters()
     hp.values.update(focal_weight=0.3, dice_weight=3.0, boundary=True, boundary_weight=0.05,
                      boundary_ramp_epochs=2, mixup=False, learning_rate=0.005)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs
+from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import temp_name
 
@@ -188,7 +189,7 @@ def hu_histogram(image: np.ndarray) -> np.ndarray:
     return np.bincount(shifted.ravel(), minlength=HIST_BINS).astype(np.int64)
 
 
-@dataclass
+@dataclass(frozen=True)
 class CaseRecord:
     """What conversion of one case produced; prepare stores one per case and builds the manifest.
 
@@ -245,12 +246,16 @@ def _split_summary(records: list[CaseRecord], organs: Sequence[str]) -> dict:
     }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Manifest:
-    """The manifest.json of a prepared data set (schema_version 1); paths are relative to its folder."""
+    """The manifest.json of a prepared data set (schema_version 1); paths are relative to its folder.
+
+    Read-only once built: ``slicing`` is a ``SlicingConfig`` (a dict given to the constructor is
+    converted), so one loaded manifest can be handed from stage to stage.
+    """
 
     organs: list[str]
-    slicing: dict
+    slicing: SlicingConfig
     image_shape: list[int]
     splits: dict = field(default_factory=dict)
     cases: dict = field(default_factory=dict)
@@ -261,16 +266,19 @@ class Manifest:
     split_rule: dict = field(default_factory=dict)  # how cases were assigned to splits (splits.assign)
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
+    organ_definitions: dict | None = None  # optional, copied through to runs and exports uninterpreted
+
+    def __post_init__(self):
+        if isinstance(self.slicing, dict):
+            object.__setattr__(self, "slicing", configs.from_dict(SlicingConfig, self.slicing))
 
     @classmethod
     def from_records(cls, records: Sequence[CaseRecord], **fields) -> Manifest:
         """Aggregate case records (any order) into a manifest; `fields` fill organs, slicing, ..."""
-        manifest = cls(**fields)
         records = sorted(records, key=lambda record: record.case_id)
-        for split in SPLITS + tuple(sorted({r.split for r in records} - set(SPLITS))):
-            members = [record for record in records if record.split == split]
-            manifest.splits[split] = _split_summary(members, manifest.organs)
-        manifest.cases = {
+        splits = {split: _split_summary([record for record in records if record.split == split], fields["organs"])
+                  for split in SPLITS + tuple(sorted({r.split for r in records} - set(SPLITS)))}
+        cases = {
             record.case_id: {"split": record.split, "slices": record.slices,
                              "shards": [info.file for info in record.shards], "transform": record.transform}
             for record in records
@@ -279,8 +287,8 @@ class Manifest:
         for record in records:
             if record.split == "train":
                 counts += np.asarray(record.histogram, dtype=np.int64)
-        manifest.intensity_histogram = {"first_hu": HIST_FIRST_HU, "bin_hu": 1, "counts": counts.tolist()}
-        return manifest
+        histogram = {"first_hu": HIST_FIRST_HU, "bin_hu": 1, "counts": counts.tolist()}
+        return cls(**fields, splits=splits, cases=cases, intensity_histogram=histogram)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Manifest:
@@ -302,7 +310,7 @@ class Manifest:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename)."""
-        configs.write_json_atomic(path, dataclasses.asdict(self))
+        configs.write_json_atomic(path, configs.to_dict(self))
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:

@@ -6,8 +6,9 @@ Export folder::
     saved_model/      TensorFlow SavedModel; signatures ``serving_default`` / ``serve`` (float32)
                       and ``serve_int16`` (int16): input ``ct`` raw HU [N, H, W, C] at the slice
                       geometry of the training data, output ``probabilities`` [N, H, W, O] sigmoid
-    metadata.json     organs (channel order) and label values, slicing config, window and HU
-                      statistics, input geometry, versions, source run
+    metadata.json     organs (channel order), their labels and definitions, slicing config, window
+                      and HU statistics, input geometry, versions, source run (folder name); all
+                      taken from the run folder (data.json, config.json), never from the shards
 
 The HU window and normalisation are the model's own first layer (``model.HUWindowNormalize``,
 checked on export), so the SavedModel takes raw HU. When the slice size is not a multiple of the
@@ -22,116 +23,30 @@ import argparse
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from hnseg_keras import __version__, configs
-from hnseg_keras.data.organs import label_value, resolve_organs
-from hnseg_keras.data.slicing import AIR_HU, SlicingConfig
+from hnseg_keras.data.slicing import AIR_HU
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import replace_folder
+from hnseg_keras.files import atomic_path, refuse_existing
 from hnseg_keras.inference import trust
+from hnseg_keras.inference.model_io import (
+    METADATA_FILE,
+    METADATA_FORMAT,
+    MODEL_FILE,
+    SAVED_MODEL_DIR,
+    load_keras_model,
+    normalisation_of,
+    padding_for,
+    read_metadata,
+    run_metadata,
+    size_multiple_of,
+)
 
-METADATA_FORMAT = "hnseg-keras-export"
 METADATA_SCHEMA = 1
-MODEL_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-METADATA_FILE = "metadata.json"
 SELF_CHECK_ATOL = 1e-5  # max |SavedModel - Keras| accepted on the export self-check
-
-
-def padding_for(size: int, multiple: int) -> tuple[int, int]:
-    """(before, after) air padding that makes ``size`` a multiple of ``multiple`` (centred)."""
-    total = -size % multiple
-    return total // 2, total - total // 2
-
-
-def load_keras_model(path: str | os.PathLike):
-    """Load a ``.keras`` file written by hnseg-keras (inference only, no compile)."""
-    import keras
-
-    from hnseg_keras.model import losses, metrics, unet  # noqa: F401  (registers the custom objects)
-
-    path = Path(path)
-    if not path.is_file():
-        raise HnsegError(f"{path}: model file not found; give a .keras file, an export folder or a run folder")
-    try:
-        return keras.saving.load_model(path, compile=False, safe_mode=True)
-    except Exception as error:  # noqa: BLE001  (Keras raises many types for a bad archive)
-        text = str(error).strip().splitlines()
-        raise HnsegError(f"{path}: cannot load the Keras model ({text[0][:200] if text else type(error).__name__}); "
-                         "re-export it from its run folder") from None
-
-
-def normalisation_of(model) -> dict:
-    """Window / mean / std of the model's input normalisation layer; refuses models without one.
-
-    The layer must follow the input directly (only ``SpatialSizeCheck`` may sit in between), so
-    whatever feeds the model raw HU gets exactly the training normalisation.
-    """
-    from hnseg_keras.model.unet import HUWindowNormalize, SpatialSizeCheck
-
-    inner = [layer for layer in model.layers if type(layer).__name__ != "InputLayer"]
-    while inner and isinstance(inner[0], SpatialSizeCheck):
-        inner = inner[1:]
-    if not inner or not isinstance(inner[0], HUWindowNormalize):
-        raise HnsegError(f"model {model.name!r} does not start with the HU window layer (hu_window); export "
-                         "needs a model built by hnseg_keras.model.unet.build_unet, which normalises inside the graph")
-    layer = inner[0]
-    return {"window": list(layer.window) if layer.window else None, "hu_mean": layer.mean, "hu_std": layer.std}
-
-
-def size_multiple_of(model) -> int:
-    """The spatial multiple the U-Net needs (from its ``SpatialSizeCheck`` layer; 16 if absent)."""
-    from hnseg_keras.model.unet import SpatialSizeCheck
-
-    checks = [layer for layer in model.layers if isinstance(layer, SpatialSizeCheck)]
-    return checks[0].multiple if checks else 16
-
-
-def run_metadata(run_dir: str | os.PathLike) -> dict:
-    """Organs, slicing and input geometry of a training run, from its config.json and data manifest."""
-    from hnseg_keras.data.shards import Manifest
-
-    run_dir = Path(run_dir)
-    config = configs.read_json(run_dir / "config.json")
-    data = config.get("data") if isinstance(config, dict) else None
-    if not data:
-        raise HnsegError(f"{run_dir / 'config.json'}: names no data manifest ('data'); is this a training run folder?")
-    manifest_path = Path(data)
-    if not manifest_path.is_absolute() and not manifest_path.exists():
-        manifest_path = run_dir / manifest_path
-    if not manifest_path.exists():
-        raise HnsegError(f"{data}: the run's data manifest is missing (named in {run_dir / 'config.json'}); "
-                         "restore the prepared data or point 'data' in config.json at its manifest.json")
-    manifest = Manifest.load(manifest_path)
-    height, width, channels = (int(v) for v in manifest.image_shape)
-    return model_metadata(manifest.organs, manifest.slicing, (height, width, channels),
-                          _data_name(manifest_path), config.get("model"))
-
-
-def _data_name(manifest_path: Path) -> str:
-    """The prepared data set's folder name (no absolute path of this machine goes into metadata)."""
-    resolved = manifest_path.resolve()
-    return resolved.name if resolved.is_dir() else resolved.parent.name
-
-
-def model_metadata(organs, slicing: dict, image_shape: tuple[int, int, int], manifest: str | None,
-                   model_config: dict | None) -> dict:
-    """The metadata prediction needs beside a model: organs and labels, slicing, input geometry."""
-    organs = list(resolve_organs(organs))
-    height, width, channels = image_shape
-    return {
-        "organs": organs,
-        "labels": {name: label_value(name) for name in organs},
-        "slicing": configs.to_dict(configs.from_dict(SlicingConfig, slicing)),
-        "input": {"name": "ct", "height": height, "width": width, "channels": channels,
-                  "dtypes": ["float32", "int16"], "units": "HU", "pad_hu": AIR_HU},
-        "manifest": manifest,
-        "model_config": model_config,
-    }
 
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: str = "best",
@@ -151,8 +66,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
         found = sorted(p.name for p in run_dir.glob("*.keras")) or ["none"]
         raise HnsegError(f"{model_path}: not found (.keras files there: {', '.join(found)}); "
                          "train longer or pass --which with one that exists")
-    if out_dir.exists() and not force:
-        raise HnsegError(f"{out_dir}: already exists; choose another --out or pass --force")
+    refuse_existing(out_dir, force)
     metadata = run_metadata(run_dir)
     model = load_keras_model(model_path)
     _check_model_matches(model, metadata, model_path)
@@ -162,18 +76,13 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, which: st
     pad_w = padding_for(metadata["input"]["width"], multiple)
     metadata["input"].update(size_multiple=multiple, padding=[list(pad_h), list(pad_w)])
     metadata.update(_provenance(run_dir, which))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         shutil.copy2(model_path, tmp / MODEL_FILE)
         write_saved_model(model, tmp / SAVED_MODEL_DIR, metadata["input"])
         metadata["self_check_max_abs_diff"] = _self_check(model, tmp / SAVED_MODEL_DIR, metadata["input"])
         metadata[trust.FILES_KEY] = trust.fingerprint(tmp, (MODEL_FILE, SAVED_MODEL_DIR))
         configs.write_json_atomic(tmp / METADATA_FILE, metadata)
-        replace_folder(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -243,17 +152,6 @@ def _self_check(model, path: Path, geometry: dict) -> float:
         raise HnsegError(f"{path}: SavedModel differs from the Keras model by {worst:.2e} "
                          f"(> {SELF_CHECK_ATOL}); report this with the run folder")
     return worst
-
-
-def read_metadata(folder: str | os.PathLike) -> dict:
-    """metadata.json of an export folder, checked for the fields prediction needs."""
-    path = Path(folder) / METADATA_FILE
-    data = configs.read_json(path)
-    missing = [key for key in ("organs", "slicing", "input") if not isinstance(data, dict) or key not in data]
-    if missing or data.get("format") != METADATA_FORMAT:
-        raise HnsegError(f"{path}: not an hnseg-keras export (missing {missing or ['format']}); "
-                         "re-export with `hnseg export RUN --out DIR`")
-    return data
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -92,7 +92,7 @@ class Predictor:
     def from_keras_model(cls, model, organs: Sequence[str], slicing: SlicingConfig, source: str = "keras model",
                          size_multiple: int = 16) -> Predictor:
         """Wrap an in-memory Keras model; slices are air-padded (centred) to a multiple of ``size_multiple``."""
-        from hnseg_keras.inference.export import padding_for
+        from hnseg_keras.inference.model_io import padding_for
 
         size = slicing.size
         before, after = padding_for(size, size_multiple)  # square slices: same padding on H and W
@@ -114,9 +114,9 @@ def load_predictor(model_path: str | os.PathLike, saved_model: bool = False) -> 
     An export folder gives its ``model.keras`` (Keras safe mode) unless ``saved_model``: then its
     SavedModel (executable TensorFlow graph) runs, after every file matched metadata.json's sha256
     (``trust.verify_export``). A ``.keras`` file takes its metadata from ``metadata.json`` beside it
-    (export folder) or from the run's ``config.json`` and data manifest (run folder).
+    (export folder) or from the run's ``data.json`` and ``config.json`` (run folder).
     """
-    from hnseg_keras.inference.export import METADATA_FILE, MODEL_FILE, read_metadata, run_metadata
+    from hnseg_keras.inference.model_io import METADATA_FILE, MODEL_FILE, read_metadata, run_metadata
 
     path = Path(model_path)
     if not path.exists():
@@ -157,7 +157,7 @@ def _metadata_parts(metadata: dict) -> tuple[tuple[str, ...], SlicingConfig, int
 
 
 def _keras_predictor(path: Path, metadata: dict) -> Predictor:
-    from hnseg_keras.inference.export import load_keras_model, size_multiple_of
+    from hnseg_keras.inference.model_io import load_keras_model, size_multiple_of
 
     organs, slicing, channels = _metadata_parts(metadata)
     model = load_keras_model(path)

@@ -2,10 +2,10 @@
 
 The GPU machine this project borrows runs Keras on JAX and has no TensorFlow, so it cannot read the
 TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a manifest into an
-``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RandomCropBatches` feeds
-``model.fit`` under any backend with the same ``(x, y)`` contract as the tf.data pipeline
-(x raw HU [B, H, W, C], y = ``targets.pack_targets``), random crop only; :class:`RawBatches` instead
-hands whole slices to the train step, which augments them (``train_step``: crop, warps, mixup).
+``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RawBatches` hands whole
+slices to ``model.fit`` under any backend, whose train step augments them (``train_step``: the
+window, crop, warps and mixup of ``augment.OPS``).
+``hnseg train --data FILE.npz`` trains from it (``training.sources.ArrayData``).
 
 Compact on purpose (a call to that machine carries at most 64 MiB):
 
@@ -15,7 +15,7 @@ Compact on purpose (a call to that machine carries at most 64 MiB):
 - ``channels`` int32 [N, 2k+1]: each example's planes, centre at k; a smaller k is a view (`neighbours`);
 - ``masks`` uint8 [N, H, W]: bit o set where organ o is inside (at most 8 organs);
 - ``annotated`` uint8 [N, O]; ``case_ids``, ``slice_index`` [N]; ``meta``: JSON (organs, slicing,
-  window, HU statistics of the train split, source manifest).
+  window, HU statistics of the train split, source data folder name and manifest checksum).
 
 Distance maps are not carried: the boundary loss cannot train from this format (targets hold zeros).
 """
@@ -26,15 +26,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
+from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inputs import targets
+from hnseg_keras.files import atomic_path, refuse_existing
 
 FORMAT = "hnseg-slice-arrays/1"
 MAX_ORGANS = 8
@@ -92,20 +92,11 @@ class SliceArrays:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file beside ``path``, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, planes=self.planes, channels=self.channels, masks=self.masks,
-                                    annotated=self.annotated, case_ids=self.case_ids,
-                                    slice_index=self.slice_index, meta=np.array(json.dumps(self.meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_path(path) as temp, open(temp, "wb") as handle:
+            np.savez_compressed(handle, planes=self.planes, channels=self.channels, masks=self.masks,
+                                annotated=self.annotated, case_ids=self.case_ids,
+                                slice_index=self.slice_index, meta=np.array(json.dumps(self.meta)))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SliceArrays:
@@ -186,30 +177,6 @@ class _UniformBatches(keras.utils.PyDataset):
         return rng, rng.integers(0, len(self.arrays), self.batch_size)
 
 
-class RandomCropBatches(_UniformBatches):
-    """Batches ``(x, y)``, each example randomly cropped to ``crop`` px (the whole slice when None)."""
-
-    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, crop: int | None, seed: int = 0, **kwargs):
-        super().__init__(arrays, batch_size, steps, seed, **kwargs)
-        height, width = arrays.planes.shape[1:]
-        if crop is not None and not 0 < crop <= min(height, width):
-            raise HnsegError(f"crop {crop} must be 1..{min(height, width)} for {height}x{width} slices")
-        self.crop = crop or min(height, width)
-
-    def __getitem__(self, i):
-        rng, index = self._draw(i)
-        height, width = self.arrays.planes.shape[1:]
-        ys = rng.integers(0, height - self.crop + 1, self.batch_size)
-        xs = rng.integers(0, width - self.crop + 1, self.batch_size)
-        rows = ys[:, None] + np.arange(self.crop)  # [B, crop]
-        cols = xs[:, None] + np.arange(self.crop)
-        take = (np.arange(self.batch_size)[:, None, None], rows[:, :, None], cols[:, None, :])
-        images = self.arrays.images(index)[take]
-        masks = self.arrays.organ_masks(index)[take]
-        y = targets.pack_targets(masks, np.zeros(masks.shape, np.float32), self.arrays.annotated[index])
-        return images, keras.ops.convert_to_numpy(y)
-
-
 class RawBatches(_UniformBatches):
     """Whole-slice batches ``(batch dict, seed int32 [2])`` for ``train_step.augment_in_train_step``,
     which crops, warps and mixes them inside the train step. Distance maps are zeros (not stored)."""
@@ -226,25 +193,27 @@ class RawBatches(_UniformBatches):
 
 
 def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.PathLike,
-                 window: tuple[float, float] | None = None, force: bool = False) -> Path:
-    """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards)."""
-    from hnseg_keras.data.shards import Manifest, read_split
+                 window: tuple[float, float] | None = None, force: bool = False, neighbours: int | None = None) -> Path:
+    """Write ``split`` of a shard manifest to ``out`` (needs TensorFlow to read the shards), with
+    ``neighbours`` planes each side (None: as prepared)."""
+    from hnseg_keras.data.shards import Manifest, read_split, sha256_file
     from hnseg_keras.inputs import augment, pipeline
 
     out = Path(out)
-    if out.exists() and not force:
-        raise HnsegError(f"{out} exists; pass --force to replace it")
+    refuse_existing(out, force, "pass --force to replace it")
     manifest_path = Path(manifest_path)
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.json"
     manifest = Manifest.load(manifest_path)
-    window = tuple(window) if window is not None else augment.AugmentConfig().window
+    window = tuple(window) if window is not None else augment.HU_WINDOW
     hu_mean, hu_std = pipeline.intensity_stats(manifest, window)
     examples = read_split(manifest_path, split).as_numpy_iterator()
-    arrays = from_examples(examples, manifest.organs, manifest.slicing, window,
+    arrays = from_examples(examples, manifest.organs, configs.to_dict(manifest.slicing), window,
                            {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
-                            "manifest": Path(manifest_path).resolve().parent.name})  # no absolute path
-    return arrays.save(out)
+                            "manifest": manifest_path.resolve().parent.name,
+                            "manifest_sha256": sha256_file(manifest_path),
+                            "organ_definitions": manifest.organ_definitions})
+    return (arrays if neighbours is None else arrays.neighbours(neighbours)).save(out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,14 +221,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help=".npz file to write")
     parser.add_argument("--split", default="train", help="split to write (default train)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                        help="HU window the planes are quantised over (default: the augmentation's, -155 195)")
+                        help="HU window the planes are quantised over (default: the training window, -155 195)")
+    parser.add_argument("--neighbours", type=int, help="keep k neighbouring planes each side (default: as prepared)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.window is not None and not args.window[0] < args.window[1]:
         raise HnsegError(f"--window {args.window[0]:g} {args.window[1]:g}: LOW must be below HIGH")
-    path = export_split(args.manifest, args.split, args.out, args.window, args.force)
+    path = export_split(args.manifest, args.split, args.out, args.window, args.force, args.neighbours)
     arrays = SliceArrays.load(path)
     print(f"wrote {path}: {len(arrays)} {args.split} slices, {arrays.planes.shape[0]} planes, "
           f"{path.stat().st_size / 2**20:.1f} MiB", file=sys.stderr)

@@ -1,28 +1,28 @@
-"""Batched training augmentation in ``keras.ops``: window, random crop, elastic/grid warp, weighted mixup.
+"""Batched training augmentation in ``keras.ops``: the ops of ``OPS`` (window, crop + warp, mixup).
 
-A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU, C neighbouring slices),
-``masks [B,H,W,O]`` ({0, 1}), ``dist_maps [B,H,W,O]`` (signed pixels, negative inside) and
-``annotated [B,O]`` ({0, 1}). Every random draw comes from an explicit stateless seed (int32 [2]):
-the same seed and batch give the same output. Per-op seeds are derived from it with
-:func:`sub_seed`, and every draw has a leading batch axis, so each sample gets its own crop offset
-and warp field even when the batch size is unknown while tracing.
-
-Crop and warp are one pass of one bilinear resampler (:func:`bilinear_sample`): sampling
-coordinates = crop offset + identity grid + displacement. The same field moves the image, the
-masks (bilinear, then ``>= 0.5`` so they stay binary) and the distance maps (bilinear). Integer
-offsets with zero displacement copy pixels exactly. The functions run in ``tf.data`` (``map``
-after ``batch``), in ``tf.function(jit_compile=True)`` and, being ``keras.ops`` only, under JAX.
+A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU), ``masks [B,H,W,O]`` ({0, 1}),
+``dist_maps [B,H,W,O]`` (signed pixels, negative inside), ``annotated [B,O]``. Every random draw
+comes from an explicit stateless seed (int32 [2]; per-op seeds from :func:`sub_seed`) with a leading
+batch axis, so each sample gets its own crop and warp. Crop and warp are one bilinear resampling at
+crop offset + identity grid + displacement, the same field for image, masks (then ``>= 0.5``) and
+distance maps; integer offsets without displacement copy pixels exactly. Runs in ``tf.data``, under
+XLA and, being ``keras.ops`` only, under JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import keras
 import numpy as np
 from keras import ops
 
+from hnseg_keras.errors import HnsegError
+
+# The soft-tissue window of the paper, the one default of the augmentation, the model and the renderers.
+HU_WINDOW: tuple[float, float] = (-155.0, 195.0)
 # Plain clip used when no window is set: the int16 HU range a CT can hold.
 HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 SPATIAL_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps")
@@ -54,7 +54,7 @@ class AugmentConfig:
     deformations (a few pixels) on 256-pixel slices of 1 mm.
     """
 
-    window: tuple[float, float] | None = (-155.0, 195.0)
+    window: tuple[float, float] | None = HU_WINDOW
     crop_size: int | None = 256
     warp_probability: float = 0.5
     elastic: bool = True
@@ -175,24 +175,10 @@ def _sampling_coords(offsets, displacement, out_hw):
     return coord_y, coord_x
 
 
-def resample(values, offsets, displacement, out_hw: tuple[int, int]):
-    """Crop and warp in one pass: sample ``values`` [B,Hi,Wi,C] at ``offset + identity grid + displacement``.
-
-    offsets [B,2] (y, x) crop corner in input pixels; displacement [B,Ho,Wo,2] (dy, dx) pixels or None.
-    Returns float32 [B,Ho,Wo,C].
-    """
-    return bilinear_sample(values, *_sampling_coords(offsets, displacement, out_hw))
-
-
 def crop_offsets(draw, in_hw, out_hw: tuple[int, int]):
     """Integer crop corners [B,2] (float32) from uniform draws [B,2]: uniform in [0, in - out]."""
     span = ops.convert_to_tensor([float(in_hw[0] - out_hw[0] + 1), float(in_hw[1] - out_hw[1] + 1)])
     return ops.minimum(ops.floor(draw * span[None, :]), span[None, :] - 1.0)
-
-
-def random_crop_offsets(seed, batch_size, in_hw, out_hw: tuple[int, int]):
-    """Independent integer crop corners per sample, uniform in [0, in - out]; float32 [B,2]."""
-    return crop_offsets(_uniform(seed, (batch_size, 2)), in_hw, out_hw)
 
 
 # ----------------------------------------------------------------------------- warp fields
@@ -227,12 +213,6 @@ def elastic_from_noise(noise, out_hw: tuple[int, int], alpha: float, sigma: floa
     return bilinear_sample(field, coord_y / step, coord_x / step)
 
 
-def elastic_displacement(seed, batch_size, out_hw: tuple[int, int], alpha: float, sigma: float):
-    """Elastic field [B,Ho,Wo,2] (dy, dx): Gaussian-smoothed (sigma px) white noise, RMS ``alpha`` px per axis."""
-    _, _, height, width = _elastic_geometry(out_hw, sigma)
-    return elastic_from_noise(_normal(seed, (batch_size, height, width, 2)), out_hw, alpha, sigma)
-
-
 def _grid_axis(stretch, length: int):
     """Displacement [B, length] along one axis from cell stretch factors [B, steps]."""
     batch_size, steps = ops.shape(stretch)[0], int(stretch.shape[1])
@@ -258,79 +238,19 @@ def grid_from_stretch(stretch, out_hw: tuple[int, int]):
     return ops.stack([dy, dx], axis=-1)
 
 
-def grid_displacement(seed, batch_size, out_hw: tuple[int, int], steps: int, limit: float):
-    """Grid distortion [B,Ho,Wo,2]: each of ``steps`` cells per axis stretched by U(1 - limit, 1 + limit)."""
-    return grid_from_stretch(_uniform(seed, (batch_size, 2, steps), 1.0 - limit, 1.0 + limit), out_hw)
-
-
-# ----------------------------------------------------------------------------- draws and application
-
-
-def draw_augmentation(seed, batch_size, out_hw: tuple[int, int], config: AugmentConfig) -> dict:
-    """Every random number one batch needs, drawn from ``seed`` (the only place that draws).
-
-    Keeping draws apart from the (deterministic) application lets a caller run them in different
-    places, e.g. draws in tf.data and the heavy resampling in an XLA-compiled function.
-    """
-    draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
-             "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
-    if config.warp_probability > 0.0 and config.elastic:
-        _, _, height, width = _elastic_geometry(out_hw, config.elastic_sigma)
-        draws["elastic_noise"] = _normal(sub_seed(seed, _TAG_ELASTIC), (batch_size, height, width, 2))
-    if config.warp_probability > 0.0 and config.grid:
-        limit = config.grid_distort_limit
-        draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
-                                         1.0 - limit, 1.0 + limit)
-    if config.mixup:
-        draws["partner"] = _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,))
-        draws.update(_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size))
-    return draws
-
-
-def warp_from_draws(draws: dict, out_hw: tuple[int, int], config: AugmentConfig):
-    """Per-sample warp field [B,Ho,Wo,2] (dy, dx), or None when warps are off.
-
-    With ``warp_probability`` a sample is warped, elastic or grid (a coin picks when both are on).
-    """
-    fields = []
-    if "elastic_noise" in draws:
-        fields.append(elastic_from_noise(draws["elastic_noise"], out_hw, config.elastic_alpha, config.elastic_sigma))
-    if "grid_stretch" in draws:
-        fields.append(grid_from_stretch(draws["grid_stretch"], out_hw))
-    if not fields:
-        return None
-    coins = draws["coins"]
-    warped = ops.cast(coins[:, 0] < config.warp_probability, "float32")[:, None, None, None]
-    if len(fields) == 1:
-        return fields[0] * warped
-    use_elastic = ops.cast(coins[:, 1] < 0.5, "float32")[:, None, None, None]
-    return (fields[0] * use_elastic + fields[1] * (1.0 - use_elastic)) * warped
+def check_crop(crop_size: int | None, in_hw: tuple[int, int]) -> tuple[int, int]:
+    """The one crop check: output (H, W) of ``crop_size`` on ``in_hw`` slices (None: no crop)."""
+    out_hw = (crop_size, crop_size) if crop_size else tuple(in_hw)
+    if in_hw[0] < out_hw[0] or in_hw[1] < out_hw[1]:
+        raise HnsegError(f"crop_size {crop_size} is larger than the slices ({in_hw[0]}x{in_hw[1]}); choose "
+                         f"crop_size <= {min(in_hw)}")
+    return out_hw
 
 
 def output_hw(image, config: AugmentConfig):
-    """(input, output) static (H, W) of a batch image under ``config``'s crop; checks the crop fits."""
+    """(input, output) static (H, W) of a batch image under ``config``'s crop."""
     in_hw = _static_hw(image)
-    out_hw = (config.crop_size, config.crop_size) if config.crop_size else in_hw
-    if in_hw[0] < out_hw[0] or in_hw[1] < out_hw[1]:
-        raise ValueError(f"crop_size {config.crop_size} is larger than the input slices {in_hw}")
-    return in_hw, out_hw
-
-
-def apply_crop_and_warp(batch: dict, draws: dict, config: AugmentConfig) -> dict:
-    """Crop + warp every spatial key with the drawn per-sample offset and field (see crop_and_warp)."""
-    in_hw, out_hw = output_hw(batch["image"], config)
-    offsets = crop_offsets(draws["crop"], in_hw, out_hw)
-    return resample_batch(batch, offsets, warp_from_draws(draws, out_hw, config), out_hw)
-
-
-def crop_and_warp(batch: dict, seed, config: AugmentConfig) -> dict:
-    """Random crop + optional warp of every spatial key with one field per sample.
-
-    Masks are resampled bilinearly and thresholded at 0.5. Non-spatial keys pass through.
-    """
-    _, out_hw = output_hw(batch["image"], config)
-    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, dataclasses.replace(config, mixup=False))
-    return apply_crop_and_warp(batch, draws, config)
+    return in_hw, check_crop(config.crop_size, in_hw)
 
 
 def centre_crop(batch: dict, size: int | None) -> dict:
@@ -341,8 +261,7 @@ def centre_crop(batch: dict, size: int | None) -> dict:
     if not size:
         return dict(batch)
     height, width = _static_hw(batch["image"])
-    if height < size or width < size:
-        raise ValueError(f"crop size {size} is larger than the input slices {(height, width)}")
+    check_crop(size, (height, width))
     top, left = (height - size) // 2, (width - size) // 2
     out = dict(batch)
     for key in SPATIAL_KEYS:
@@ -403,11 +322,6 @@ def beta_from_draws(draws: dict, alpha: float):
     return ops.sigmoid(log_gamma[0] - log_gamma[1])
 
 
-def sample_beta(seed, shape, alpha: float):
-    """Beta(alpha, alpha) draws of shape (n,) from ``seed`` (see beta_from_draws)."""
-    return beta_from_draws(_gamma_draws(seed, shape[0]), alpha)
-
-
 def slice_weights(masks, organ_weights):
     """Mixup weight of each slice: the sum of ``organ_weights`` over organs with foreground in it.
 
@@ -431,13 +345,14 @@ def partners_from_uniform(weights, draw):
     return ops.minimum(index, ops.shape(weights)[0] - 1)
 
 
-def draw_partners(seed, weights):
-    """Partner indices [B] drawn from ``seed`` with probability proportional to ``weights`` [B]."""
-    return partners_from_uniform(weights, _uniform(seed, ops.shape(weights)))
-
-
 def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
-    """Class-weighted mixup with drawn numbers (see weighted_mixup)."""
+    """Class-weighted mixup: image <- lam * image + (1 - lam) * image[partner], lam ~ Beta(alpha, alpha).
+
+    The partner is drawn from the batch with probability proportional to :func:`slice_weights`
+    (``organ_weights`` [O], e.g. 1 / foreground-slice count; None: uniform), from ``draws["partner"]``
+    [B] uniforms and the gamma draws of :func:`beta_from_draws`. Targets are not mixed:
+    ``partner_masks``, ``partner_dist_maps``, ``partner_annotated`` and ``lam [B]`` are added.
+    """
     masks = batch["masks"]
     if organ_weights is None:
         weights = ops.ones((ops.shape(masks)[0],), "float32")
@@ -454,28 +369,104 @@ def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
     return out
 
 
-def weighted_mixup(batch: dict, seed, organ_weights, alpha: float) -> dict:
-    """Class-weighted mixup: image <- lam * image + (1 - lam) * image[partner], lam ~ Beta(alpha, alpha).
+# ----------------------------------------------------------------------------- the ops, in order
 
-    The partner is drawn from the batch with probability proportional to :func:`slice_weights`
-    (``organ_weights`` [O], e.g. 1 / foreground-slice count; None: uniform). Targets are not mixed:
-    ``partner_masks``, ``partner_dist_maps``, ``partner_annotated`` and ``lam [B]`` are added.
+
+def warp_from_draws(draws: dict, out_hw: tuple[int, int], config: AugmentConfig):
+    """Per-sample warp field [B,Ho,Wo,2] (dy, dx), or None when warps are off.
+
+    With ``warp_probability`` a sample is warped, elastic or grid (a coin picks when both are on).
     """
-    batch_size = ops.shape(batch["masks"])[0]
-    draws = {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
-             **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
-    return apply_mixup(batch, draws, organ_weights, alpha)
+    fields = []
+    if "elastic_noise" in draws:
+        fields.append(elastic_from_noise(draws["elastic_noise"], out_hw, config.elastic_alpha, config.elastic_sigma))
+    if "grid_stretch" in draws:
+        fields.append(grid_from_stretch(draws["grid_stretch"], out_hw))
+    if not fields:
+        return None
+    coins = draws["coins"]
+    warped = ops.cast(coins[:, 0] < config.warp_probability, "float32")[:, None, None, None]
+    if len(fields) == 1:
+        return fields[0] * warped
+    use_elastic = ops.cast(coins[:, 1] < 0.5, "float32")[:, None, None, None]
+    return (fields[0] * use_elastic + fields[1] * (1.0 - use_elastic)) * warped
 
 
-def apply_augmentation(batch: dict, draws: dict, config: AugmentConfig, organ_weights=None) -> dict:
-    """Window, crop + warp and mixup of a batch with pre-drawn random numbers (no draws inside)."""
-    out = dict(batch)
-    out["image"] = window_image(batch["image"], config.window)
-    out["annotated"] = ops.cast(batch["annotated"], "float32")
-    out = apply_crop_and_warp(out, draws, config)
-    if config.mixup:
-        out = apply_mixup(out, draws, organ_weights, config.mixup_alpha)
-    return out
+def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
+    """float32 copy of a batch's four keys with the image clipped to ``window`` (HU) or ``HU_RANGE``."""
+    out = {key: ops.cast(batch[key], "float32") for key in ("masks", "dist_maps", "annotated")}
+    return {"image": window_image(batch["image"], window), **out}
+
+
+def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
+    """Crop corner [B,2] and warp field [B,Ho,Wo,2] (or none): the warp field is derived here, with the
+    draws, so that the application is a pure resampling (the part worth compiling with XLA)."""
+    draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
+             "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
+    if config.warp_probability > 0.0 and config.elastic:
+        _, _, height, width = _elastic_geometry(out_hw, config.elastic_sigma)
+        draws["elastic_noise"] = _normal(sub_seed(seed, _TAG_ELASTIC), (batch_size, height, width, 2))
+    if config.warp_probability > 0.0 and config.grid:
+        limit = config.grid_distort_limit
+        draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
+                                         1.0 - limit, 1.0 + limit)
+    field = warp_from_draws(draws, out_hw, config)
+    return {"offsets": crop_offsets(draws["crop"], in_hw, out_hw), **({} if field is None else {"field": field})}
+
+
+def _crop_warp_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    out_hw = output_hw(batch["image"], config)[1]
+    return resample_batch(batch, params["offsets"], params.get("field"), out_hw)
+
+
+def _mixup_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
+    return {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
+            **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
+
+
+def _mixup_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    return apply_mixup(batch, params, organ_weights, config.mixup_alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOp:
+    """One step of the augmentation: ``draw(seed, batch_size, in_hw, out_hw, config) -> params`` (every
+    random number; None: none), ``apply(batch, params, config, organ_weights) -> batch`` (deterministic),
+    and whether tf.data may XLA-compile ``apply`` (worth it for the resampling only; TF's stateless
+    generator is slow under XLA on CPU, so draws never run there)."""
+
+    name: str
+    enabled: Callable[[AugmentConfig], bool]
+    draw: Callable | None
+    apply: Callable
+    compilable: bool = False
+
+
+# The one composition, in order, iterated by the tf.data pipeline and by the on-device train step.
+OPS: tuple[AugmentOp, ...] = (
+    AugmentOp("window", lambda config: True, None, lambda batch, _, config, __: cast_and_window(batch, config.window)),
+    AugmentOp("crop_and_warp", lambda config: True, _crop_warp_draw, _crop_warp_apply, compilable=True),
+    AugmentOp("mixup", lambda config: config.mixup, _mixup_draw, _mixup_apply),
+)
+
+
+def active_ops(config: AugmentConfig) -> tuple[AugmentOp, ...]:
+    return tuple(op for op in OPS if op.enabled(config))
+
+
+def draw_params(batch: dict, seed, config: AugmentConfig) -> dict:
+    """Every op's parameters for one batch, drawn from ``seed`` (int32 [2] or int): ``{op name: dict}``."""
+    in_hw, out_hw = output_hw(batch["image"], config)
+    batch_size = ops.shape(batch["image"])[0]
+    return {op.name: op.draw(seed, batch_size, in_hw, out_hw, config)
+            for op in active_ops(config) if op.draw is not None}
+
+
+def apply_ops(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
+    """Apply the enabled ops in order with drawn ``params`` (no random draws inside)."""
+    for op in active_ops(config):
+        batch = op.apply(batch, params.get(op.name, {}), config, organ_weights)
+    return batch
 
 
 def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) -> dict:
@@ -490,6 +481,4 @@ def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) 
     Returns:
         float32 dict with spatial keys at the crop size; with mixup also ``partner_*`` and ``lam``.
     """
-    _, out_hw = output_hw(batch["image"], config)
-    draws = draw_augmentation(seed, ops.shape(batch["image"])[0], out_hw, config)
-    return apply_augmentation(batch, draws, config, organ_weights)
+    return apply_ops(batch, draw_params(batch, seed, config), config, organ_weights)

@@ -5,7 +5,7 @@ docs/ARCHITECTURE.md: ``image`` int16 HU [H,W,C], ``masks`` uint8 [H,W,O], ``dis
 [H,W,O], ``annotated`` uint8 [O], plus ids that are dropped here); thin wrappers read them from a
 manifest with ``shards.read_split``. Training::
 
-    examples -> shuffle -> batch (drop remainder) -> cast + window -> crop + warp -> mixup -> pack -> prefetch
+    examples -> shuffle -> batch (drop remainder) -> draw -> augment.OPS (window, crop + warp, mixup) -> pack
 
 where each batch carries its own stateless seed, so the stream is reproducible for a
 ``PipelineConfig.seed`` and still differs from epoch to epoch. ``x`` is the windowed HU image
@@ -15,56 +15,18 @@ where each batch carries its own stateless seed, so the stream is reproducible f
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment, targets
-from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.augment import AugmentConfig, cast_and_window
+from hnseg_keras.inputs.batching import PipelineConfig
 
 EXAMPLE_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps", "annotated")
 _SEED_MODULUS = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """How examples are read, shuffled, batched and buffered.
-
-    Attributes:
-        batch_size: slices per batch (training drops the last incomplete batch).
-        shuffle_buffer: examples in the shuffle buffer (memory: about 1.6 MB per 280^2 slice, 9 organs).
-        seed: seeds the shard order, the shuffle and every batch's augmentation seed.
-        parallel_reads: shards read at once (interleave cycle length).
-        parallel_calls: threads per map stage; -1 lets tf.data tune it (AUTOTUNE).
-        prefetch: batches prepared ahead; -1 = AUTOTUNE.
-        cache: None (no cache), "memory", or a file path prefix for tf.data's on-disk cache of the
-            parsed examples (before shuffling, so each epoch is still reshuffled and re-augmented).
-        augment_on_device: training yields ``(batch, seed)`` of windowed, uncropped batches; the
-            train step applies ``train_step.device_augment`` (crop, warp, mixup on the accelerator).
-        jit_compile: run the deterministic part of the augmentation (resampling, mixup, packing) as
-            an XLA-compiled function inside tf.data (several times faster on CPU). The random draws
-            stay outside XLA: TF's default stateless generator under XLA on CPU is very slow.
-    """
-
-    batch_size: int = 16
-    shuffle_buffer: int = 512
-    seed: int = 0
-    parallel_reads: int = 8
-    parallel_calls: int = -1
-    prefetch: int = -1
-    cache: str | None = None
-    augment_on_device: bool = False
-    jit_compile: bool = True
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise HnsegError(f"batch_size={self.batch_size}: must be >= 1")
-        if self.shuffle_buffer < 1:
-            raise HnsegError(f"shuffle_buffer={self.shuffle_buffer}: must be >= 1 (1 = no shuffling)")
 
 
 def _tune(value: int) -> int:
@@ -82,16 +44,6 @@ def _cache(dataset: tf.data.Dataset, cache: str | None) -> tf.data.Dataset:
     return dataset.cache("" if cache == "memory" else str(cache))
 
 
-def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
-    """float32 copy of a batch with the image clipped to ``window`` (HU) or the plain HU range."""
-    return {
-        "image": augment.window_image(batch["image"], window),
-        "masks": tf.cast(batch["masks"], tf.float32),
-        "dist_maps": tf.cast(batch["dist_maps"], tf.float32),
-        "annotated": tf.cast(batch["annotated"], tf.float32),
-    }
-
-
 def batch_seeds(seed: int) -> tf.data.Dataset:
     """Endless int32 [2] seeds, one per batch: (random draw, batch counter).
 
@@ -104,30 +56,12 @@ def batch_seeds(seed: int) -> tf.data.Dataset:
         lambda draw, count: tf.cast(tf.stack([draw % _SEED_MODULUS, count % _SEED_MODULUS]), tf.int32))
 
 
-def _augment_stages(config: AugmentConfig, weights, batch_size: int, jit_compile: bool):
-    """Three map functions: draw (+ window, warp field), resample (XLA if asked), mixup + pack.
+def _op_stage(op: augment.AugmentOp, config: AugmentConfig, weights, jit_compile: bool):
+    """A map function ``(batch, params) -> (batch, params)`` running one augmentation op."""
+    def stage(batch, params):
+        return op.apply(batch, params.get(op.name, {}), config, weights), params
 
-    Only the resampling is compiled: XLA on CPU is slow for TF's default stateless generator and
-    for the depthwise convolution of the elastic field, and gains nothing on mixup and packing.
-    """
-    def draw(batch, seed):
-        batch = cast_and_window(batch, config.window)
-        in_hw, out_hw = augment.output_hw(batch["image"], config)
-        draws = augment.draw_augmentation(seed, batch_size, out_hw, config)
-        field = augment.warp_from_draws(draws, out_hw, config)
-        fields = () if field is None else (field,)
-        return batch, augment.crop_offsets(draws["crop"], in_hw, out_hw), draws, fields
-
-    def resample(batch, offsets, draws, fields):
-        out_hw = augment.output_hw(batch["image"], config)[1]
-        return augment.resample_batch(batch, offsets, fields[0] if fields else None, out_hw), draws
-
-    def mix_and_pack(batch, draws):
-        if config.mixup:
-            batch = augment.apply_mixup(batch, draws, weights, config.mixup_alpha)
-        return targets.to_keras(batch)
-
-    return draw, tf.function(resample, jit_compile=True) if jit_compile else resample, mix_and_pack
+    return tf.function(stage, jit_compile=True) if jit_compile and op.compilable else stage
 
 
 def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,
@@ -155,10 +89,10 @@ def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConf
     if cfg.augment_on_device:
         return ds.map(lambda b, s: (cast_and_window(b, window), s), num_parallel_calls=calls).prefetch(
             _tune(cfg.prefetch))
-    stages = _augment_stages(augment_config, weights, cfg.batch_size, cfg.jit_compile)
-    for stage in stages:
-        ds = ds.map(stage, num_parallel_calls=calls)
-    return ds.prefetch(_tune(cfg.prefetch))
+    ds = ds.map(lambda b, s: (b, augment.draw_params(b, s, augment_config)), num_parallel_calls=calls)
+    for op in augment.active_ops(augment_config):
+        ds = ds.map(_op_stage(op, augment_config, weights, cfg.jit_compile), num_parallel_calls=calls)
+    return ds.map(lambda b, _: targets.to_keras(b), num_parallel_calls=calls).prefetch(_tune(cfg.prefetch))
 
 
 def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConfig | None = None,
@@ -178,20 +112,6 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
 
 
 # ----------------------------------------------------------------------------- manifest wrappers
-
-
-def _manifest(manifest_path):
-    from hnseg_keras.data.shards import Manifest
-
-    return Manifest.load(manifest_path)
-
-
-def _check_crop(manifest, augment_config: AugmentConfig, manifest_path) -> None:
-    size = augment_config.crop_size
-    height, width = manifest.image_shape[:2]
-    if size and (size > height or size > width):
-        raise HnsegError(f"{manifest_path}: crop_size {size} is larger than the slices ({height}x{width}); "
-                         f"choose crop_size <= {min(height, width)}")
 
 
 def organ_weights_from_manifest(manifest, split: str = "train") -> np.ndarray:
@@ -226,17 +146,18 @@ def intensity_stats(manifest, window: tuple[float, float] | None) -> tuple[float
 
 
 def train_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
-                  augment_config: AugmentConfig | None = None, split: str = "train") -> tf.data.Dataset:
-    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights."""
-    from hnseg_keras.data.shards import read_split
+                  augment_config: AugmentConfig | None = None, split: str = "train",
+                  organ_weights=None) -> tf.data.Dataset:
+    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights (from the
+    manifest unless given, e.g. by a caller that has it loaded already)."""
+    from hnseg_keras.data.shards import Manifest, read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    manifest = _manifest(manifest_path)
-    _check_crop(manifest, augment_config, manifest_path)
+    if organ_weights is None:
+        organ_weights = organ_weights_from_manifest(Manifest.load(manifest_path), "train")
     examples = read_split(manifest_path, split, shuffle_seed=pipeline_config.seed,
                           cycle_length=pipeline_config.parallel_reads)
-    return build_train_dataset(examples, pipeline_config, augment_config,
-                               organ_weights_from_manifest(manifest, "train"))
+    return build_train_dataset(examples, pipeline_config, augment_config, organ_weights)
 
 
 def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
@@ -246,12 +167,5 @@ def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: Pipeli
     from hnseg_keras.data.shards import read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    manifest = _manifest(manifest_path)
-    _check_crop(manifest, augment_config, manifest_path)
     examples = read_split(manifest_path, split, cycle_length=pipeline_config.parallel_reads)
     return build_validation_dataset(examples, pipeline_config, augment_config)
-
-
-def without_augmentation(config: AugmentConfig) -> AugmentConfig:
-    """The same window and crop size with warps and mixup off (for previews and ablations)."""
-    return dataclasses.replace(config, warp_probability=0.0, mixup=False)

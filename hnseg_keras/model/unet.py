@@ -28,9 +28,9 @@ import keras
 from keras import layers, ops
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inputs.augment import HU_RANGE, HU_WINDOW
 
 # Full CT range when no window is set: air to the top of the 12-bit scanner range.
-FULL_HU_RANGE = (-1024.0, 3071.0)
 NORMS = ("batch", "instance", "none")
 
 
@@ -66,7 +66,7 @@ class UNetConfig:
     kernel_size: int = 3
     norm: str = "batch"
     dropout: float = 0.0
-    window: tuple[float, float] | None = (-155.0, 195.0)
+    window: tuple[float, float] | None = HU_WINDOW
     hu_mean: float | None = None
     hu_std: float | None = None
     name: str = "unet"
@@ -95,7 +95,7 @@ class UNetConfig:
 
     def normalization(self) -> tuple[tuple[float, float], float, float]:
         """``(clip range, mean, std)`` in HU that the first layer applies."""
-        low, high = self.window if self.window is not None else FULL_HU_RANGE
+        low, high = self.window if self.window is not None else HU_RANGE
         mean = self.hu_mean if self.hu_mean is not None else (low + high) / 2.0
         std = self.hu_std if self.hu_std is not None else (high - low) / 2.0
         return (float(low), float(high)), float(mean), float(std)
@@ -243,14 +243,14 @@ class HUWindowNormalize(layers.Layer):
     Input and output: [B, H, W, C] float (HU in, unitless out).
     """
 
-    def __init__(self, window=(-155.0, 195.0), mean=0.0, std=1.0, **kwargs):
+    def __init__(self, window=HU_WINDOW, mean=0.0, std=1.0, **kwargs):
         super().__init__(**kwargs)
         self.window = None if window is None else (float(window[0]), float(window[1]))
         self.mean = float(mean)
         self.std = float(std)
 
     def call(self, inputs):
-        low, high = self.window if self.window is not None else FULL_HU_RANGE
+        low, high = self.window if self.window is not None else HU_RANGE
         x = ops.clip(ops.cast(inputs, self.compute_dtype), low, high)
         return (x - self.mean) / self.std
 

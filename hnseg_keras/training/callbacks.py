@@ -20,7 +20,8 @@ import numpy as np
 
 from hnseg_keras import configs, render
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import LOCK_NAME
+from hnseg_keras.files import LOCK_NAME, atomic_path, temp_name
+from hnseg_keras.inputs.augment import HU_WINDOW
 from hnseg_keras.inputs.targets import unpack_targets
 
 # ----------------------------------------------------------------------------- history.csv
@@ -59,10 +60,8 @@ def trim_history(path: str | os.PathLike, epochs: int) -> None:
     kept = [row for row in rows if row and _float(row[column]) < epochs]
     if len(kept) == len(rows):
         return
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("w", newline="") as handle:
+    with atomic_path(path) as temp, temp.open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *kept])
-    os.replace(temp, path)
 
 
 def backup_epoch(backup_dir: str | os.PathLike) -> int:
@@ -277,7 +276,7 @@ class ValidationImages(keras.callbacks.Callback):
     """
 
     def __init__(self, dataset, organs, log_dir, count: int = 4, scan_batches: int = 8,
-                 window: tuple[float, float] = (-155.0, 195.0)):
+                 window: tuple[float, float] = HU_WINDOW):
         super().__init__()
         self.organs = list(organs)
         self.log_dir = str(log_dir)
@@ -332,7 +331,7 @@ def _pick_slices(dataset, num_organs: int, count: int, scan_batches: int):
 def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
     """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename into place."""
     path = Path(path)
-    temp = path.with_name(f".{path.stem}.tmp.keras")
+    temp = temp_name(path).with_suffix(".keras")  # per process; Keras insists on the suffix
     try:
         model.save(temp)
         os.replace(temp, path)

@@ -23,13 +23,10 @@ that was running restarts from its last finished epoch. ``KERASTUNER_TUNER_ID`` 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import math
 import os
-import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +35,11 @@ import keras_tuner
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import FolderLock
-from hnseg_keras.inputs.train_step import augment_in_train_step
+from hnseg_keras.files import FolderLock, write_text_atomic
 from hnseg_keras.training import callbacks as cb
+from hnseg_keras.training import distributed
 from hnseg_keras.training import trainer as training
+from hnseg_keras.training.sources import VALIDATION, open_data
 from hnseg_keras.training.trainer import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
@@ -198,14 +196,13 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
         base: training config resolved for the data; trials replace the tuned fields.
         tune: the search settings.
         out: the search's output folder.
-        manifest_path: the data set.
-        organs: organ names in channel order.
+        data: the data set (``sources.open_data``), opened once for all trials.
     """
 
-    def __init__(self, base: TrainConfig, tune: TuneConfig, out: Path, manifest_path: Path, organs):
+    def __init__(self, base: TrainConfig, tune: TuneConfig, out: Path, data):
         super().__init__(name="hnseg_loss_weights")
         self.base, self.tune, self.out = base, tune, Path(out)
-        self.manifest_path, self.organs = Path(manifest_path), list(organs)
+        self.data, self.organs = data, list(data.organs)
         self.epochs = tune.epochs_per_trial or base.epochs
         self._executions: dict[str, int] = defaultdict(int)
 
@@ -225,10 +222,10 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
             if cb.check_run_folder(run, resolved) != "finished":
                 if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
                     model.set_weights(build_compiled_model(config, self.organs).get_weights())
-                run.mkdir(parents=True, exist_ok=True)
-                configs.write_json_atomic(run / "config.json", resolved)
+                training.write_run_files(run, resolved, training.describe_data(config, self.data))
                 _write_hparams(run / "logs", tuned_fields(config), f"{trial_id}/{execution}")
-                train_trial(config, model, run, self.manifest_path, self.organs, callbacks, initial_epoch)
+                # the loop `hnseg train` runs; KerasTuner's callbacks after the training ones
+                training.fit_run(config, model, run, self.data, callbacks, initial_epoch)
         except HnsegError as error:  # a config or data problem fails every trial alike: stop the search
             raise SearchStopped(str(error)) from None
         return trial_result(run)
@@ -270,31 +267,6 @@ def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
     with writer.as_default():
         hparams_api.hparams({key: value for key, value in values.items() if value is not None}, trial_id=session)
     writer.close()
-
-
-def train_trial(config: TrainConfig, model, run: Path, manifest_path: Path, organs: list[str],
-                tuner_callbacks: list, initial_epoch: int = 0) -> None:
-    """Fit ``model`` (from ``build``) as ``hnseg train`` does: same datasets, callbacks and epoch backup.
-
-    Uses ``training.make_datasets`` / ``training.make_callbacks``; resumes from ``run/backup``.
-    ``tuner_callbacks`` (KerasTuner's) run after the training callbacks.
-    """
-    import keras
-
-    train_ds, val_ds, steps, val_steps = training.make_datasets(config, manifest_path, multi_worker=False)
-    augment = training.device_augmentation(config, manifest_path)
-    if augment is not None:
-        augment_in_train_step(model, augment)
-    resumed = cb.backup_epoch(run / "backup")
-    callbacks = training.make_callbacks(config, run, model.loss, val_ds, organs, max(initial_epoch, resumed))
-    callbacks.append(keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True))
-    start = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=config.epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=steps, validation_steps=val_steps, callbacks=callbacks + tuner_callbacks,
-              verbose=1 if sys.stdout.isatty() else 2, shuffle=False)
-    cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start,
-                           {"organs": organs, "data": str(manifest_path), "initial_epoch": initial_epoch,
-                            "resumed_from_epoch": resumed})
 
 
 def trial_result(run: Path) -> dict[str, float]:
@@ -379,8 +351,8 @@ def make_tuner(tune: TuneConfig, hypermodel, out: Path, distribution_strategy=No
 
 def _strategy():
     """KerasTuner's ``distribution_strategy``: MirroredStrategy on several GPUs, else None."""
-    strategy = training.strategy_from_environment()
-    if getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)():
+    strategy = distributed.strategy_from_environment()
+    if distributed.is_multi_worker(strategy):
         raise HnsegError("TF_CONFIG multi-worker training is not used by `hnseg tune`; unset TF_CONFIG and "
                          "distribute trials with KERASTUNER_TUNER_ID / _ORACLE_IP / _ORACLE_PORT instead")
     return strategy if strategy.num_replicas_in_sync > 1 else None
@@ -391,30 +363,27 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
 
     Args:
         tune: search settings.
-        base: training config (variant <- config file <- overrides); ``base.out`` is not used.
+        base: training config (variant <- config file <- overrides) naming its data; ``base.out`` is not used.
         callbacks: extra Keras callbacks appended to every trial's fit (deep-copied per trial).
     Returns:
         the output folder.
     """
     role = distributed_role()
-    if role is not None and base.data is None:
-        raise HnsegError("distributed tuning needs prepared data: run `hnseg prepare` once and pass the same "
-                         "--data to the chief and every worker")
     base = dataclasses.replace(base, out=None)
     out = Path(tune.out) if tune.out else default_out(base)
     settings = {key: value for key, value in configs.to_dict(tune).items() if key not in ("max_trials", "out")}
     record = {"tune": settings, "train": configs.to_dict(base)}
     check_search_folder(out, record)
     strategy = _strategy()
-    manifest_path = training.manifest_path_of(base)
-    resolved = training.resolve_for_data(base, manifest_path)
-    from hnseg_keras.data.shards import Manifest
-
-    organs = list(Manifest.load(manifest_path).organs)
+    data = open_data(base.data)
+    if not data.slices(VALIDATION):
+        raise HnsegError(f"{data.path}: holds no validation split; the search ranks trials by val_dice")
+    resolved = training.resolve_for_data(base, data)
+    out.mkdir(parents=True, exist_ok=True)
     # one search per folder; distributed workers share the chief's folder, so only a lone process locks it
     with FolderLock(out, "hnseg tune") if role is None else contextlib.nullcontext():
         configs.write_json_atomic(out / "search_config.json", record)
-        hypermodel = LossWeightHyperModel(resolved, tune, out, manifest_path, organs)
+        hypermodel = LossWeightHyperModel(resolved, tune, out, data)
         tuner = make_tuner(tune, hypermodel, out, strategy)
         try:
             tuner.search(callbacks=list(callbacks or []), verbose=1)
@@ -508,54 +477,5 @@ def write_results(oracle, base: TrainConfig, epochs: int, out: Path) -> dict:
         configs.write_json_atomic(out / "best_config.json", configs.to_dict(config))
         text += [f"Best: trial {best['trial_id']} ({best['run']}); train it with "
                  f"`python scripts/train.py --config {out / 'best_config.json'}`.", ""]
-    _write_text_atomic(out / "top_trials.md", "\n".join(text))
+    write_text_atomic(out / "top_trials.md", "\n".join(text))
     return summary
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--variant", help="preset S, M or L (default: the config file's, else S)")
-    parser.add_argument("--data", metavar="MANIFEST",
-                        help="manifest.json of prepared shards (default: the built-in phantom, prepared on first use)")
-    parser.add_argument("--config", metavar="FILE", help="JSON train config (partial), as for `hnseg train`")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a train config value, repeatable (e.g. --set pipeline.batch_size=8)")
-    parser.add_argument("--tuner", default="bayesian", help=f"one of {', '.join(TUNERS)} (default: bayesian)")
-    parser.add_argument("--max-trials", type=int, default=20, help="trials in the search (default: 20)")
-    parser.add_argument("--epochs-per-trial", type=int,
-                        help="epochs of each trial (Hyperband: the maximum; default: the train config's epochs)")
-    parser.add_argument("--executions-per-trial", type=int, default=1,
-                        help="trainings per trial, best val_dice averaged (default: 1)")
-    parser.add_argument("--out", help="output folder (default: runs/tune-<data>-<variant>); rerun to resume")
-    parser.add_argument("--seed", type=int, default=1, help="seed of the tuner's sampling, >= 1 (default: 1)")
-
-
-def run(args: argparse.Namespace) -> int:
-    base = training.load_config(args.variant, args.config, args.overrides)
-    if args.data is not None:
-        base = dataclasses.replace(base, data=args.data)
-    tune = TuneConfig(tuner=str(args.tuner).lower(), max_trials=args.max_trials,
-                      epochs_per_trial=args.epochs_per_trial, executions_per_trial=args.executions_per_trial,
-                      seed=args.seed, out=args.out)
-    try:
-        out = search(tune, base)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to resume the search", file=sys.stderr)
-        return 130
-    if distributed_role() == "worker":
-        print(f"worker {os.environ['KERASTUNER_TUNER_ID']}: no trials left; the chief writes the summary")
-        return 0
-    summary = configs.read_json(out / "top_trials.json")
-    best = summary["trials"][0] if summary["trials"] else None
-    print(f"search folder: {out} ({summary['completed']} trials completed; best val_dice "
-          f"{best['val_dice']:.4f} in trial {best['trial_id']}; best config: {out / 'best_config.json'})"
-          if best else f"search folder: {out} (no completed trial)")
-    return 0

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("hnseg_keras.inference.export", "export a trained run as a TensorFlow SavedModel"),
     "predict": ("hnseg_keras.inference.prediction", "segment CT volumes with a trained or exported model"),
     "evaluate": ("hnseg_keras.evaluation.scores", "3D Dice, HD95, surface distance and surface Dice tables"),
-    "verify": ("hnseg_keras.data.verify", "check a prepared data, run or export folder against its recorded sha256"),
+    "verify": ("hnseg_keras.verify", "check a prepared data, run or export folder against its recorded sha256"),
 }
 
 

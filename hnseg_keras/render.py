@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -122,3 +123,10 @@ def pad_to(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     top, left = (shape[0] - rgb.shape[0]) // 2, (shape[1] - rgb.shape[1]) // 2
     canvas[top:top + rgb.shape[0], left:left + rgb.shape[1]] = rgb
     return canvas
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """PNG of a matplotlib Figure through a temporary name."""
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
+    return Path(path)

@@ -8,12 +8,16 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hnseg_keras"
-BASE = ("hnseg_keras", "hnseg_keras.errors", "hnseg_keras.configs", "hnseg_keras.files")
-DATA_READERS = ("hnseg_keras.data.organs", "hnseg_keras.data.slicing", "hnseg_keras.data.cases")
+BASE = ("hnseg_keras", "hnseg_keras.errors", "hnseg_keras.configs", "hnseg_keras.files", "hnseg_keras.progress",
+        "hnseg_keras.render")
+DATA_READERS = ("hnseg_keras.data.organs", "hnseg_keras.data.slicing", "hnseg_keras.data.cases",
+                "hnseg_keras.data.layouts", "hnseg_keras.data.dicom")
 # Module prefix -> prefixes it may import (besides BASE). The most specific prefix applies; the CLI
 # joins stages and may import anything. Nothing but the CLI imports training.
 ALLOWED: dict[str, tuple[str, ...]] = {
     "hnseg_keras": (),  # the shared base modules and any new top-level one
+    "hnseg_keras.render": ("hnseg_keras.data.organs",),  # the one palette is the organ catalogue's
+    "hnseg_keras.verify": ("hnseg_keras",),  # checks data, run and export folders, like the CLI
     "hnseg_keras.data": ("hnseg_keras.data",),
     "hnseg_keras.inputs": ("hnseg_keras.inputs", "hnseg_keras.data.shards", *DATA_READERS),
     # the model reads the target layout and the HU window constants from the input stage

@@ -15,8 +15,8 @@ import math
 import os
 from pathlib import Path
 
-from hnseg_keras.files import atomic_path, write_text_atomic
-from hnseg_keras.render import organ_colour
+from hnseg_keras.files import write_text_atomic
+from hnseg_keras.render import organ_colour, save_figure
 
 # metric key in results.json -> (axis title, scale applied for display)
 PLOTTED = {
@@ -85,13 +85,6 @@ def box_plot_figure(results: dict, metrics=tuple(PLOTTED)):
     cases = len(results["cases"])
     figure.suptitle(f"{cases} case{'s' if cases != 1 else ''}, one dot each", fontsize=10)
     return figure
-
-
-def save_figure(figure, path: str | os.PathLike) -> Path:
-    """PNG of a matplotlib Figure through a temporary name."""
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    return Path(path)
 
 
 def write_all(results: dict, out_dir: str | os.PathLike, with_plots: bool) -> list[Path]:

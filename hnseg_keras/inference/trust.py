@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from hnseg_keras.data.shards import sha256_file
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import sha256_file
 
 FILES_KEY = "files"  # metadata.json: {relative path: sha256} of model.keras and every file of saved_model/
 REEXPORT = "re-export it with `hnseg export RUN --out DIR`"

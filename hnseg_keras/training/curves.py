@@ -15,8 +15,7 @@ from pathlib import Path
 
 import keras
 
-from hnseg_keras.evaluation.plots import save_figure
-from hnseg_keras.render import organ_colour
+from hnseg_keras.render import organ_colour, save_figure
 from hnseg_keras.training.callbacks import read_history
 
 FILE_NAME = "training_curves.png"

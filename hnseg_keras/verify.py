@@ -39,16 +39,14 @@ def verify_keras_archive(path: Path) -> None:
 
 def verify_run_folder(folder: Path, use_cache: bool = True) -> list[str]:
     from hnseg_keras.training.resume import check_backup
-    from hnseg_keras.training.trainer import TrainConfig, manifest_path_of
+    from hnseg_keras.training.trainer import TrainConfig
 
     config = configs.from_dict(TrainConfig, configs.read_json(folder / "config.json"))
     lines = [f"{folder / 'config.json'}: valid training config"]
-    if config.data is not None:
-        data = Path(config.data)
+    data = Path(config.data) if config.data else None
+    if data is not None and data.suffix != ".npz":  # an arrays file is checked whole when it is opened
         manifest = data if data.exists() or data.is_absolute() else folder / data
         lines.append(verify_shard_folder(manifest if manifest.is_dir() else manifest.parent, use_cache))
-    else:
-        lines.append(verify_shard_folder(manifest_path_of(config).parent, use_cache))
     for model in sorted(folder.glob("*.keras")):
         verify_keras_archive(model)
         lines.append(f"{model}: readable .keras archive")
@@ -59,7 +57,7 @@ def verify_run_folder(folder: Path, use_cache: bool = True) -> list[str]:
 
 def verify_export_folder(folder: Path) -> str:
     from hnseg_keras.inference import trust
-    from hnseg_keras.inference.export import read_metadata
+    from hnseg_keras.inference.model_io import read_metadata
 
     metadata = read_metadata(folder)
     trust.check_metadata(metadata, str(folder))

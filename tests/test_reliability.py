@@ -22,7 +22,7 @@ from hnseg_keras.data.shards import Manifest
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
-from hnseg_keras.inference import prediction
+from hnseg_keras.inference import model_io, prediction
 from hnseg_keras.inference.export import export_run
 from hnseg_keras.inference.prediction import load_predictor
 from hnseg_keras.model.unet import build_unet, variant_config
@@ -44,6 +44,9 @@ def export(tmp_path_factory) -> Path:
     run.mkdir()
     configs.write_json_atomic(run / "config.json",
                               configs.to_dict(TrainConfig(variant="S", model=MODEL, data=str(manifest_path))))
+    configs.write_json_atomic(run / "data.json", model_io.data_description(
+        ORGANS, SLICING, (40, 40, 3), {"window": [-155.0, 195.0], "hu_mean": 20.0, "hu_std": 90.0}, "data",
+        "ab" * 32, None))
     build_unet(MODEL).save(run / "best.keras")
     return export_run(run, root / "export")
 

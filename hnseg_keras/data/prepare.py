@@ -286,8 +286,9 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
                 base.save(out / "manifest.json")
             if refs is None:
                 refs = _phantom_input(out, source)
-            assignment, base.split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
-                                                        config.split_fractions, split_file, config.fold)
+            assignment, split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
+                                                   config.split_fractions, split_file, config.fold)
+            base = dataclasses.replace(base, split_rule=split_rule)
             return _convert_all(out, refs, config, assignment, workers, base, reading)
     except HnsegError:
         if created and out.is_dir() and not list((out / "cases").glob("*.json")):

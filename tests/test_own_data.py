@@ -15,7 +15,7 @@ import pytest
 from own_data_builders import small_case, write_dicom_tree, write_nnunet, write_patient
 from scipy import ndimage
 
-from hnseg_keras import cli
+from hnseg_keras import cli, configs
 from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import write_label_map, write_pddca_case
 from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, definitions, label_value, read_organs_file
@@ -109,7 +109,8 @@ def test_user_organs_through_prepare_prediction_outputs_and_evaluate(tmp_path, c
     assert manifest.organ_definitions["BrainStem"]["label"] == CATALOGUE["BrainStem"].label
     assert manifest.splits["train"]["organs"]["Cochlea_R"]["foreground_pixels"] > 0
     # prediction code takes names, label values and colours from the definitions a model carries
-    metadata = {"organs": organs, "organ_definitions": manifest.organ_definitions, "slicing": manifest.slicing,
+    metadata = {"organs": organs, "organ_definitions": manifest.organ_definitions,
+                "slicing": configs.to_dict(manifest.slicing),
                 "input": {"channels": 1}}
     names, _, _ = prediction._metadata_parts(metadata)
     catalogue = read_organs_file(organs_file)

@@ -204,7 +204,8 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     assert described["normalisation"] == {"window": list(printed["model"]["window"]),
                                           "hu_mean": printed["model"]["hu_mean"], "hu_std": printed["model"]["hu_std"]}
     assert described["slicing"] == configs.read_json(tiny_manifest)["slicing"]
-    assert described["organ_definitions"] is None
+    assert described["organ_definitions"] == configs.read_json(tiny_manifest)["organ_definitions"]
+    assert set(described["organ_definitions"]) == set(ORGANS)
     history = cb.read_history(run / "history.csv")
     assert [row["epoch"] for row in history] == [0, 1]
     assert {"loss", "val_loss", "val_dice", "val_dice_Mandible", "learning_rate", "epoch_time_s"} <= set(history[0])

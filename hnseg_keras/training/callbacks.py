@@ -383,3 +383,27 @@ class BestCheckpoint(keras.callbacks.Callback):
             return
         self.best = float(value)
         save_model_atomic(self.model, self.path)
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Validates, checkpoints and ends training with the optimizer's moving average of the weights.
+
+    ``SwapEMAWeights(swap_on_epoch=True)`` with two fixes for this trainer: a run stopped early (the
+    wall-time budget) also ends with the average, and a resumed run knows that the epoch backup was
+    written with the average swapped in. Place it before the checkpoint and backup callbacks.
+
+    Args:
+        resumed: training continues from a backup (``initial_epoch > 0``).
+    """
+
+    def __init__(self, resumed: bool = False):
+        super().__init__(swap_on_epoch=True)
+        self.resumed = resumed
+
+    def on_train_begin(self, logs=None):
+        self._ema_weights_in_model = self.resumed
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.model.stop_training and epoch < self.params["epochs"] - 1:
+            self._finalize_ema_values()  # fit copies the average into the model after a stop too

@@ -106,6 +106,9 @@ class TrainConfig:
             ``epochs``; a fixed budget is best spent ending at a small step, and the final model is
             then the one to keep without choosing an epoch on validation data).
         lr_factor, lr_patience: the plateau schedule's settings.
+        ema_momentum: keep an exponential moving average of the weights (Adam's ``use_ema``) with this
+            momentum per step, validate and checkpoint it, and end with it in ``final.keras``; it
+            smooths out the swing of the last steps of a short run. None: plain weights.
         max_train_minutes: wall-time budget counted from the start of ``train`` (earlier sessions of a
             resumed run count with their epoch times); training stops after the epoch that would
             otherwise end past it. None: ``epochs`` alone decides.
@@ -128,6 +131,7 @@ class TrainConfig:
     lr_schedule: str = "plateau"
     lr_factor: float = 0.5
     lr_patience: int = 10
+    ema_momentum: float | None = None
     max_train_minutes: float | None = None
     data: str | None = None
     phantom: PhantomDataConfig = field(default_factory=PhantomDataConfig)
@@ -149,6 +153,9 @@ class TrainConfig:
             raise HnsegError(f"train config: learning_rate={self.learning_rate!r} must be a positive number")
         if not 0 < self.lr_factor < 1:
             raise HnsegError(f"train config: lr_factor={self.lr_factor!r} must be in (0, 1)")
+        ema = self.ema_momentum
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1):
+            raise HnsegError(f"train config: ema_momentum={ema!r} must be in (0, 1) or null (e.g. 0.99)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise HnsegError(f"train config: lr_schedule={self.lr_schedule!r} is unknown; "
                              f"choose one of {', '.join(LR_SCHEDULES)}")
@@ -191,7 +198,7 @@ def preset(variant: str) -> TrainConfig:
         return TrainConfig(variant="M", model=variant_config("M"), augment=AugmentConfig(mixup=True),
                            loss=LossConfig(1.0, 1.0, 0.01, 20))
     return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=96, mixup=False),
-                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=25,
+                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=30, lr_schedule="cosine", ema_momentum=0.99,
                        pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory"),
                        phantom=demo_phantom())
 
@@ -470,7 +477,9 @@ def build_compiled_model(config: TrainConfig, organs: list[str]):
             keras.mixed_precision.set_global_policy("mixed_float16")
         model = build_unet(config.model)
         loss = SegmentationLoss(config.model.num_organs, **dataclasses.asdict(config.loss))
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+        ema = config.ema_momentum
+        optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=ema is not None, ema_momentum=ema or 0.99)
+        model.compile(optimizer=optimizer, loss=loss,
                       metrics=dice_metrics(organs))
     finally:
         keras.mixed_precision.set_global_policy(policy)
@@ -498,6 +507,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
         BoundaryRamp(loss),
         schedule,
         *([cb.WallTimeBudget(budget, clock)] if budget is not None else []),
+        *([cb.AveragedWeights(resumed=initial_epoch > 0)] if config.ema_momentum is not None else []),
         cb.BestCheckpoint(run / "best.keras", "val_dice", best["val_dice"] if best else -math.inf),
         cb.ValidationImages(val_ds, organs, run / "logs" / "images", count=config.image_slices,
                             window=config.augment.window or (-160.0, 240.0)),

@@ -117,6 +117,8 @@ class TrainConfig:
         out: run folder; None gives ``runs/<data name>-<variant>``.
         seed: weight initialisation seed (``pipeline.seed`` drives data order and augmentation).
         mixed_precision: train with the ``mixed_float16`` policy (GPU; float32 output layer).
+        deterministic: TensorFlow's op determinism (``enable_op_determinism``), for bit-for-bit repeats on
+            one machine where an op would otherwise pick a thread-order-dependent kernel (GPUs); slower.
         steps_per_epoch: training batches per epoch; None = train slices // pipeline.batch_size.
         validation_steps: validation batches per epoch; None = the whole validation split.
         image_slices: validation slices drawn with contours into TensorBoard each epoch.
@@ -138,6 +140,7 @@ class TrainConfig:
     out: str | None = None
     seed: int = 0
     mixed_precision: bool = False
+    deterministic: bool = False
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
     image_slices: int = 4
@@ -381,6 +384,8 @@ def _fit(config: TrainConfig, strategy, run: Path, manifest_path: Path, chief: b
          extra_callbacks: list, started: float) -> None:
     organs = list(Manifest.load(manifest_path).organs)
     keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
     train_ds, val_ds, steps, val_steps = make_datasets(config, manifest_path, multi_worker)
     with strategy.scope():
         model = build_compiled_model(config, organs)

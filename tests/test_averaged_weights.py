@@ -33,16 +33,18 @@ class StopAfterFirstEpoch(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
-def fit_line(epochs: int, extra: list) -> tuple[keras.Model, RawWeights]:
+def fit_line(epochs: int, extra: list, backup: Path | None = None) -> tuple[keras.Model, RawWeights]:
     """A 2 -> 1 linear model fitted with averaged Adam for 3 steps per epoch on fixed data."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False)])
     model.compile(optimizer=keras.optimizers.Adam(0.1, use_ema=True, ema_momentum=MOMENTUM), loss="mse")
     x = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]] * 2, np.float32)
     y = x @ np.array([[2.0], [-1.0]], np.float32)
-    raw = RawWeights()
+    raw, averaged = RawWeights(), cb.AveragedWeights()
+    callbacks = [raw, averaged, averaged.back_to_raw()]
+    callbacks += [keras.callbacks.BackupAndRestore(str(backup))] if backup else []
     model.fit(x, y, batch_size=2, epochs=epochs, shuffle=False, verbose=0, validation_data=(x, y),
-              callbacks=[raw, *extra, cb.AveragedWeights()])
+              callbacks=[*callbacks, *extra])
     return model, raw
 
 
@@ -61,6 +63,21 @@ def test_training_ends_with_the_moving_average_of_the_raw_weights(epochs, extra)
     final = keras.ops.convert_to_numpy(model.weights[0])
     assert not np.allclose(final, raw.steps[-1], atol=1e-4)  # the average differs from the last step
     np.testing.assert_allclose(final, expected_average(raw.steps), rtol=1e-5, atol=1e-6)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        raise KeyboardInterrupt
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
+    whole, _ = fit_line(3, [])
+    with pytest.raises(KeyboardInterrupt):
+        fit_line(3, [Interrupt()], tmp_path / "backup")  # the backup holds epoch 1
+    resumed, raw = fit_line(3, [], tmp_path / "backup")
+    assert len(raw.steps) == 6  # epochs 2 and 3 only
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(resumed.weights[0]),
+                               keras.ops.convert_to_numpy(whole.weights[0]), rtol=1e-6, atol=1e-7)
 
 
 def test_ema_momentum_must_be_a_fraction():

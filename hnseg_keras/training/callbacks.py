@@ -386,24 +386,30 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class AveragedWeights(keras.callbacks.SwapEMAWeights):
-    """Validates, checkpoints and ends training with the optimizer's moving average of the weights.
+    """Validates and checkpoints the optimizer's moving average of the weights (Adam ``use_ema``).
 
-    ``SwapEMAWeights(swap_on_epoch=True)`` with two fixes for this trainer: a run stopped early (the
-    wall-time budget) also ends with the average, and a resumed run knows that the epoch backup was
-    written with the average swapped in. Place it before the checkpoint and backup callbacks.
-
-    Args:
-        resumed: training continues from a backup (``initial_epoch > 0``).
+    Validation runs with the average swapped in (``SwapEMAWeights``); at the epoch end it is swapped in
+    again for the callbacks that follow (best checkpoint, images) until ``back_to_raw`` swaps it out,
+    so the epoch backup holds the raw weights and the average in their own places and a resumed run
+    continues exactly. ``fit`` ends by copying the average into the model (``final.keras``).
     """
 
-    def __init__(self, resumed: bool = False):
-        super().__init__(swap_on_epoch=True)
-        self.resumed = resumed
-
-    def on_train_begin(self, logs=None):
-        self._ema_weights_in_model = self.resumed
+    def __init__(self):
+        super().__init__(swap_on_epoch=False)
 
     def on_epoch_end(self, epoch, logs=None):
-        super().on_epoch_end(epoch, logs)
-        if self.model.stop_training and epoch < self.params["epochs"] - 1:
-            self._finalize_ema_values()  # fit copies the average into the model after a stop too
+        if not self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = True
+
+    def back_to_raw(self) -> keras.callbacks.Callback:
+        """The callback to place after those that should see the average (before the backup)."""
+        averaged = self
+
+        class BackToRaw(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if averaged._ema_weights_in_model:
+                    averaged._swap_variables()
+                    averaged._ema_weights_in_model = False
+
+        return BackToRaw()

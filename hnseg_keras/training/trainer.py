@@ -507,15 +507,17 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
     else:
         schedule = cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", factor=config.lr_factor,
                                                  patience=config.lr_patience, verbose=1)
+    averaged = [cb.AveragedWeights()] if config.ema_momentum is not None else []
     return [
         cb.EpochTimer(),
         BoundaryRamp(loss),
         schedule,
         *([cb.WallTimeBudget(budget, clock)] if budget is not None else []),
-        *([cb.AveragedWeights(resumed=initial_epoch > 0)] if config.ema_momentum is not None else []),
+        *averaged,
         cb.BestCheckpoint(run / "best.keras", "val_dice", best["val_dice"] if best else -math.inf),
         cb.ValidationImages(val_ds, organs, run / "logs" / "images", count=config.image_slices,
                             window=config.augment.window or (-160.0, 240.0)),
+        *(average.back_to_raw() for average in averaged),
         keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False, profile_batch=0),
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
     ]

@@ -361,3 +361,33 @@ class BestCheckpoint(keras.callbacks.Callback):
             return
         self.best = float(value)
         save_model_atomic(self.model, self.path)
+
+
+class AveragedWeights(keras.callbacks.SwapEMAWeights):
+    """Validates and checkpoints the optimizer's moving average of the weights (Adam ``use_ema``).
+
+    Validation runs with the average swapped in (``SwapEMAWeights``); at the epoch end it is swapped in
+    again for the callbacks that follow (best checkpoint, images) until ``back_to_raw`` swaps it out,
+    so the epoch backup holds the raw weights and the average in their own places and a resumed run
+    continues exactly. ``fit`` ends by copying the average into the model (``final.keras``).
+    """
+
+    def __init__(self):
+        super().__init__(swap_on_epoch=False)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self._ema_weights_in_model:
+            self._swap_variables()
+            self._ema_weights_in_model = True
+
+    def back_to_raw(self) -> keras.callbacks.Callback:
+        """The callback to place after those that should see the average (before the backup)."""
+        averaged = self
+
+        class BackToRaw(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if averaged._ema_weights_in_model:
+                    averaged._swap_variables()
+                    averaged._ema_weights_in_model = False
+
+        return BackToRaw()

@@ -78,6 +78,9 @@ class TrainConfig:
             ``epochs``; a fixed budget is best spent ending at a small step, and the final model is
             then the one to keep without choosing an epoch on validation data).
         lr_factor, lr_patience: the plateau schedule's settings.
+        ema_momentum: keep an exponential moving average of the weights (Adam's ``use_ema``) with this
+            momentum per step, validate and checkpoint it, and end with it in ``final.keras``; it
+            smooths out the swing of the last steps of a short run. None: plain weights.
         max_train_minutes: wall-time budget counted from the start of ``train`` (earlier sessions of a
             resumed run count with their epoch times); training stops after the epoch that would
             otherwise end past it. None: ``epochs`` alone decides.
@@ -86,6 +89,8 @@ class TrainConfig:
         out: run folder; None gives ``runs/<data name>-<variant>``.
         seed: weight initialisation seed (``pipeline.seed`` drives data order and augmentation).
         mixed_precision: train with the ``mixed_float16`` policy (GPU; float32 output layer).
+        deterministic: TensorFlow's op determinism (``enable_op_determinism``), for bit-for-bit repeats on
+            one machine where an op would otherwise pick a thread-order-dependent kernel (GPUs); slower.
         steps_per_epoch: training batches per epoch; None = train slices // pipeline.batch_size.
         validation_steps: validation batches per epoch; None = the whole validation split.
         image_slices: validation slices drawn with contours into TensorBoard each epoch.
@@ -100,11 +105,13 @@ class TrainConfig:
     lr_schedule: str = "plateau"
     lr_factor: float = 0.5
     lr_patience: int = 10
+    ema_momentum: float | None = None
     max_train_minutes: float | None = None
     data: str | None = None
     out: str | None = None
     seed: int = 0
     mixed_precision: bool = False
+    deterministic: bool = False
     steps_per_epoch: int | None = None
     validation_steps: int | None = None
     image_slices: int = 4
@@ -120,6 +127,9 @@ class TrainConfig:
             raise HnsegError(f"train config: learning_rate={self.learning_rate!r} must be a positive number")
         if not 0 < self.lr_factor < 1:
             raise HnsegError(f"train config: lr_factor={self.lr_factor!r} must be in (0, 1)")
+        ema = self.ema_momentum
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1):
+            raise HnsegError(f"train config: ema_momentum={ema!r} must be in (0, 1) or null (e.g. 0.99)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise HnsegError(f"train config: lr_schedule={self.lr_schedule!r} is unknown; "
                              f"choose one of {', '.join(LR_SCHEDULES)}")
@@ -148,7 +158,7 @@ def preset(variant: str) -> TrainConfig:
         return TrainConfig(variant="M", model=variant_config("M"), augment=AugmentConfig(mixup=True),
                            loss=LossConfig(1.0, 1.0, 0.01, 20))
     return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=96, mixup=False),
-                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=25,
+                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=30, lr_schedule="cosine", ema_momentum=0.99,
                        pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory"))
 
 
@@ -268,6 +278,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     with FolderLock(run, "hnseg train"):  # one writer per run folder
         write_run_files(run, resolved, describe_data(config, data))
         keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        _enable_op_determinism()
         batches = data.batches(config, multi_worker)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model = build_compiled_model(config, list(data.organs))
@@ -342,7 +354,9 @@ def build_compiled_model(config: TrainConfig, organs: list[str]):
             keras.mixed_precision.set_global_policy("mixed_float16")
         model = build_unet(config.model)
         loss = SegmentationLoss(config.model.num_organs, **dataclasses.asdict(config.loss))
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+        ema = config.ema_momentum
+        optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=ema is not None, ema_momentum=ema or 0.99)
+        model.compile(optimizer=optimizer, loss=loss,
                       metrics=dice_metrics(organs))
     finally:
         keras.mixed_precision.set_global_policy(policy)
@@ -367,6 +381,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
     else:
         schedule = cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", factor=config.lr_factor,
                                                  patience=config.lr_patience, verbose=1)
+    averaged = [cb.AveragedWeights()] if config.ema_momentum is not None else []
     validation = [] if val_ds is None else [
         cb.BestCheckpoint(run / "best.keras", "val_dice", best["val_dice"] if best else -math.inf),
         cb.ValidationImages(val_ds, organs, run / "logs" / "images", count=config.image_slices,
@@ -378,7 +393,9 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
         BoundaryRamp(loss),
         schedule,
         *([cb.WallTimeBudget(budget, clock)] if budget is not None else []),
+        *averaged,  # validation, best.keras and the images see the moving average of the weights
         *validation,
+        *(average.back_to_raw() for average in averaged),
         *(tensorboard if _has_tensorflow() else []),
         keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
         curves.TrainingCurves(run / "history.csv", run / curves.FILE_NAME, organs),
@@ -391,3 +408,12 @@ def _has_tensorflow() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _enable_op_determinism() -> None:
+    """TensorFlow's deterministic kernels (bit-for-bit repeatable runs on one machine; slower)."""
+    try:
+        import tensorflow as tf
+    except ImportError:  # other backends: the seeds alone decide
+        return
+    tf.config.experimental.enable_op_determinism()

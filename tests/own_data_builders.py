@@ -53,7 +53,7 @@ def write_rtstruct(case: Case, ct_folder: Path, path: Path, names: dict[str, str
     """An RTSTRUCT (rt-utils) of the case's masks under clinic ``names`` (plus junk ROIs) for its CT series."""
     from rt_utils import RTStructBuilder
 
-    from hnseg_keras.inference.prediction import series_z_indices
+    from hnseg_keras.inference.batch import series_z_indices
 
     rtstruct = RTStructBuilder.create_new(str(ct_folder))
     order = series_z_indices(rtstruct.series_data, case)  # rt-utils sorts slices along the normal

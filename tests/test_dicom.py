@@ -204,7 +204,7 @@ def test_rtstruct_written_for_a_case_reads_back(tmp_path):
 def test_predicted_rtstruct_references_the_chosen_series_and_reads_back(tmp_path):
     """predict's RTSTRUCT for a patient folder with two series (one chosen by --series) is drawn on that series;
     put beside it, it selects that series and its masks read back unchanged."""
-    from hnseg_keras.inference import prediction
+    from hnseg_keras.inference import batch, prediction
 
     folder = tmp_path / "root" / "p1"
     truth = small_case(1)
@@ -217,7 +217,7 @@ def test_predicted_rtstruct_references_the_chosen_series_and_reads_back(tmp_path
     organs = ("BrainStem", "Parotid_L", "Parotid_R")
     seg = prediction.Segmentation("p1", organs, np.stack([truth.masks[o].astype(bool) for o in organs]),
                                   np.zeros(truth.ct.shape, np.uint8), 0.0, truth.ct.shape[0])
-    path = prediction.write_rtstruct(seg, case, item.series_files, folder / "pred_rtstruct.dcm")
+    path = batch.write_rtstruct(seg, case, item.series_files, folder / "pred_rtstruct.dcm")
     assert dicom.referenced_series(pydicom.dcmread(path)) == uid
     back = _read(tmp_path / "root", organs=organs)["p1"]
     for organ in organs:

@@ -1,4 +1,5 @@
-"""Folder prediction: which cases are finished, one case at a time, failures reported by case.
+"""Folder prediction and its outputs: which cases are finished, one case at a time, failures reported
+by case, and the writers of a case's files (label map, Slicer file, PDDCA masks, RTSTRUCT, preview).
 
 A case counts as finished when its label map exists (``write_segmentation`` renames it into place
 last), so a rerun skips finished cases and redoes the rest; ``--continue-on-error`` goes on past a
@@ -7,16 +8,22 @@ failing case and lists every failure with its reason at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from hnseg_keras.data import layouts
-from hnseg_keras.data.cases import Case, write_label_map
+from hnseg_keras.data.cases import Case, write_label_map, write_pddca_case
+from hnseg_keras.data.organs import colour_of
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import owned_by_live_process, refuse_existing, replace_folder, temp_name
-from hnseg_keras.inference import prediction, slicer, visual
+from hnseg_keras.files import atomic_path, owned_by_live_process, refuse_existing, replace_folder, temp_name
+from hnseg_keras.inference import slicer, visual
 from hnseg_keras.inference.prediction import (
     FORMATS,
     CaseInput,
@@ -79,9 +86,9 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
         if "preview" in paths:
             visual.write_case_preview(case, seg, staged["preview"])
         if "masks" in paths:
-            prediction.write_structures(seg, case, staged["masks"])
+            write_structures(seg, case, staged["masks"])
         if "rtstruct" in paths and dicom_series is not None:
-            prediction.write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
+            write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
         for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
             if staged[key].exists():
                 paths[key].parent.mkdir(parents=True, exist_ok=True)
@@ -139,3 +146,78 @@ def case_error(item: CaseInput, error: BaseException) -> HnsegError:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     return HnsegError(f"case {item.case_id} ({item.path}): {type(error).__name__}: {lines[0][:300] if lines else ''}"
                       .rstrip(": "))
+
+
+def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = False) -> Path:
+    """``folder/structures/<Organ>.nrrd`` uint8 masks (every organ, empty ones too), built then renamed."""
+    if folder.exists() and not force:
+        raise HnsegError(f"{folder}: already exists; choose another --out or pass --force")
+    return write_pddca_case(dataclasses.replace(case, masks=seg.mask_dict()), folder, overwrite=True,
+                            with_image=False)
+
+
+def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force: bool = False) -> Path:
+    """DICOM RTSTRUCT (rt-utils) of the non-empty organs, referencing the CT series in ``series_dir``
+    (a folder holding one series, or the series' files: ``CaseInput.series_files``).
+
+    rt-utils wants masks [rows, cols, slices] with slices in its own order (sorted along the slice
+    normal); each of its slices is matched to a z index of ``case`` by ImagePositionPatient.
+    """
+    from hnseg_keras.data.dicom import new_rtstruct
+
+    if path.exists() and not force:
+        raise HnsegError(f"{path}: already exists; choose another --out or pass --force")
+    try:
+        rtstruct = new_rtstruct(series_dir)
+    except Exception as error:  # noqa: BLE001  (rt-utils raises bare Exception)
+        raise HnsegError(f"{case.case_id}: rt-utils cannot read the DICOM series ({error})") from None
+    order = series_z_indices(rtstruct.series_data, case)
+    for o, name in enumerate(seg.organs):
+        if seg.masks[o].any():
+            volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
+            rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name, seg.catalogue)),
+                             description="hnseg-keras prediction")
+    rtstruct.set_series_description("hnseg-keras prediction")
+    stamp_software(rtstruct.ds)
+    with atomic_path(path) as temp:
+        rtstruct.ds.save_as(str(temp))
+    return path
+
+
+def stamp_software(ds) -> None:
+    """Name hnseg-keras (and its version) as the software that made an RTSTRUCT, not the rt-utils defaults."""
+    from hnseg_keras import __version__
+
+    ds.Manufacturer = "hnseg-keras"
+    ds.ManufacturerModelName = "hnseg-keras"
+    ds.SoftwareVersions = __version__
+    ds.InstitutionName = ""
+
+
+def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
+    """z index of ``case`` for each DICOM slice dataset, from ImagePositionPatient and the case geometry."""
+    depth, rows, cols = case.ct.shape
+    if len(series_data) != depth:
+        raise HnsegError(f"case {case.case_id}: the DICOM folder holds {len(series_data)} images but the CT has "
+                         f"{depth} slices; keep one CT series per folder")
+    to_index = np.linalg.inv(np.asarray(case.direction, dtype=np.float64).reshape(3, 3) @ np.diag(case.spacing))
+    order = []
+    for ds in series_data:
+        if int(ds.Rows) != rows or int(ds.Columns) != cols:
+            raise HnsegError(f"case {case.case_id}: DICOM image {ds.Rows}x{ds.Columns} differs from the CT's "
+                             f"{rows}x{cols}; keep one CT series per folder")
+        index = to_index @ (np.asarray(ds.ImagePositionPatient, dtype=np.float64) - np.asarray(case.origin))
+        z = int(round(index[2]))
+        if not 0 <= z < depth or np.abs(index - [0, 0, z]).max() > 0.1:
+            raise HnsegError(f"case {case.case_id}: a DICOM slice at {list(ds.ImagePositionPatient)} is off the "
+                             "CT grid; keep one CT series per folder")
+        order.append(z)
+    if len(set(order)) != depth:
+        raise HnsegError(f"case {case.case_id}: DICOM slice positions repeat; keep one CT series per folder")
+    if not np.isclose(case.spacing[0], case.spacing[1], rtol=1e-4):
+        print(f"hnseg predict: warning: case {case.case_id} has non-square pixels {case.spacing[:2]}; rt-utils "
+              "assumes square pixels, so check the RTSTRUCT contours", file=sys.stderr)
+    return np.asarray(order)
+
+
+# ----------------------------------------------------------------------------- CLI

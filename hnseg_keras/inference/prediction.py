@@ -24,7 +24,6 @@ import dataclasses
 import os
 import sys
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,8 @@ from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import (
     Case,
     CaseRef,
-    write_pddca_case,
 )
-from hnseg_keras.data.organs import catalogue_from, colour_of, flip_permutation, label_value, resolve_organs
+from hnseg_keras.data.organs import catalogue_from, flip_permutation, label_value, resolve_organs
 from hnseg_keras.data.slicing import (
     AIR_HU,
     SlicingConfig,
@@ -346,85 +344,6 @@ def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
     if item.kind == "dicom":
         paths["rtstruct"] = out_dir / f"{item.case_id}_rtstruct.dcm"
     return paths
-
-
-def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = False) -> Path:
-    """``folder/structures/<Organ>.nrrd`` uint8 masks (every organ, empty ones too), built then renamed."""
-    if folder.exists() and not force:
-        raise HnsegError(f"{folder}: already exists; choose another --out or pass --force")
-    return write_pddca_case(dataclasses.replace(case, masks=seg.mask_dict()), folder, overwrite=True,
-                            with_image=False)
-
-
-def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force: bool = False) -> Path:
-    """DICOM RTSTRUCT (rt-utils) of the non-empty organs, referencing the CT series in ``series_dir``
-    (a folder holding one series, or the series' files: ``CaseInput.series_files``).
-
-    rt-utils wants masks [rows, cols, slices] with slices in its own order (sorted along the slice
-    normal); each of its slices is matched to a z index of ``case`` by ImagePositionPatient.
-    """
-    from hnseg_keras.data.dicom import new_rtstruct
-
-    if path.exists() and not force:
-        raise HnsegError(f"{path}: already exists; choose another --out or pass --force")
-    try:
-        rtstruct = new_rtstruct(series_dir)
-    except Exception as error:  # noqa: BLE001  (rt-utils raises bare Exception)
-        raise HnsegError(f"{case.case_id}: rt-utils cannot read the DICOM series ({error})") from None
-    order = series_z_indices(rtstruct.series_data, case)
-    for o, name in enumerate(seg.organs):
-        if seg.masks[o].any():
-            volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
-            rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name, seg.catalogue)),
-                             description="hnseg-keras prediction")
-    rtstruct.set_series_description("hnseg-keras prediction")
-    stamp_software(rtstruct.ds)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    try:
-        rtstruct.ds.save_as(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def stamp_software(ds) -> None:
-    """Name hnseg-keras (and its version) as the software that made an RTSTRUCT, not the rt-utils defaults."""
-    from hnseg_keras import __version__
-
-    ds.Manufacturer = "hnseg-keras"
-    ds.ManufacturerModelName = "hnseg-keras"
-    ds.SoftwareVersions = __version__
-    ds.InstitutionName = ""
-
-
-def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
-    """z index of ``case`` for each DICOM slice dataset, from ImagePositionPatient and the case geometry."""
-    depth, rows, cols = case.ct.shape
-    if len(series_data) != depth:
-        raise HnsegError(f"case {case.case_id}: the DICOM folder holds {len(series_data)} images but the CT has "
-                         f"{depth} slices; keep one CT series per folder")
-    to_index = np.linalg.inv(np.asarray(case.direction, dtype=np.float64).reshape(3, 3) @ np.diag(case.spacing))
-    order = []
-    for ds in series_data:
-        if int(ds.Rows) != rows or int(ds.Columns) != cols:
-            raise HnsegError(f"case {case.case_id}: DICOM image {ds.Rows}x{ds.Columns} differs from the CT's "
-                             f"{rows}x{cols}; keep one CT series per folder")
-        index = to_index @ (np.asarray(ds.ImagePositionPatient, dtype=np.float64) - np.asarray(case.origin))
-        z = int(round(index[2]))
-        if not 0 <= z < depth or np.abs(index - [0, 0, z]).max() > 0.1:
-            raise HnsegError(f"case {case.case_id}: a DICOM slice at {list(ds.ImagePositionPatient)} is off the "
-                             "CT grid; keep one CT series per folder")
-        order.append(z)
-    if len(set(order)) != depth:
-        raise HnsegError(f"case {case.case_id}: DICOM slice positions repeat; keep one CT series per folder")
-    if not np.isclose(case.spacing[0], case.spacing[1], rtol=1e-4):
-        print(f"hnseg predict: warning: case {case.case_id} has non-square pixels {case.spacing[:2]}; rt-utils "
-              "assumes square pixels, so check the RTSTRUCT contours", file=sys.stderr)
-    return np.asarray(order)
-
-
-# ----------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from hnseg_keras.data.shards import Manifest
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
-from hnseg_keras.inference import model_io, prediction
+from hnseg_keras.inference import batch, model_io, prediction
 from hnseg_keras.inference.export import export_run
 from hnseg_keras.inference.prediction import load_predictor
 from hnseg_keras.model.unet import build_unet, variant_config
@@ -204,7 +204,7 @@ def test_case_outputs_appear_together_or_not_at_all(export, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise HnsegError("disk full")
 
-    monkeypatch.setattr(prediction, "write_structures", broken)
+    monkeypatch.setattr(batch, "write_structures", broken)
     with pytest.raises(HnsegError, match="disk full"):
         main_args = ["predict", str(image), "--model", str(export), "--out", str(out), "--pddca-masks"]
         prediction.run(build_args(main_args))

@@ -314,6 +314,11 @@ def find_cases(root: str | os.PathLike) -> list[CaseRef]:
         split_root = root / folder_name
         if split_root.is_dir():
             refs += [CaseRef(p.name, p, split) for p in sorted(split_root.iterdir()) if _is_case_folder(p)]
+    return unique_ids(refs)
+
+
+def unique_ids(refs: list) -> list:
+    """``refs`` unchanged, or a refusal naming both places of a case id found twice."""
     seen: dict[str, Path] = {}
     for ref in refs:
         if ref.case_id in seen:

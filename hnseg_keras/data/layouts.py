@@ -108,12 +108,7 @@ def find_refs(root: str | os.PathLike, reading: Reading = Reading()) -> list[Cas
                 [CaseRef(cases._strip_suffix(p.name), p, None, "image") for p in _image_files(root)])
     if not refs:
         raise HnsegError(f"{root}: no {layout} cases found; check the folder or --layout")
-    seen: dict[str, Path] = {}
-    for ref in refs:
-        if ref.case_id in seen:
-            raise HnsegError(f"{ref.path}: case id {ref.case_id!r} also at {seen[ref.case_id]}; rename one")
-        seen[ref.case_id] = ref.path
-    return refs
+    return cases.unique_ids(refs)
 
 
 def _image_files(root: Path) -> list[Path]:

@@ -278,8 +278,8 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     with FolderLock(run, "hnseg train"):  # one writer per run folder
         write_run_files(run, resolved, describe_data(config, data))
         keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        _enable_op_determinism()
+        if config.deterministic:
+            _enable_op_determinism()
         batches = data.batches(config, multi_worker)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             model = build_compiled_model(config, list(data.organs))

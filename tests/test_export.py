@@ -171,3 +171,17 @@ def test_export_cli_errors(run_dir, exported, tmp_path, capsys):
     assert main(["export", str(moved), "--out", str(tmp_path / "x")]) == 2
     assert "data.json" in one_line()
     assert not (tmp_path / "x").exists()
+
+
+def test_metadata_of_a_run_with_user_defined_organs():
+    """Organs outside the built-in catalogue reach the export with the label values they were trained with."""
+    definitions = {"BrainStem": {"label": 1, "aliases": [], "partner": None, "tolerance_mm": 2.5, "colour": [1, 2, 3]},
+                   "Cochlea_L": {"label": 20, "aliases": ["Cochlea Left"], "partner": None, "tolerance_mm": 1.0,
+                                 "colour": [200, 10, 10]}}
+    described = model_io.data_description(["BrainStem", "Cochlea_L"], SLICING, (40, 40, 3),
+                                          {"window": [-155.0, 195.0], "hu_mean": 0.0, "hu_std": 1.0}, "ears",
+                                          "ab" * 32, definitions)
+    meta = model_io.model_metadata(described, None)
+    assert meta["organs"] == ["BrainStem", "Cochlea_L"]
+    assert meta["labels"] == {"BrainStem": 1, "Cochlea_L": 20}
+    assert meta["organ_definitions"] == definitions

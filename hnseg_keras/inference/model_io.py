@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from hnseg_keras import configs
-from hnseg_keras.data.organs import label_value, resolve_organs
+from hnseg_keras.data.organs import catalogue_from, label_value, resolve_organs
 from hnseg_keras.data.slicing import AIR_HU, SlicingConfig
 from hnseg_keras.errors import HnsegError
 
@@ -104,11 +104,12 @@ def read_data_description(run_dir: str | os.PathLike) -> dict:
 
 def model_metadata(data: dict, model_config: dict | None) -> dict:
     """The metadata prediction needs beside a model, from a run's data description (``data.json``)."""
-    organs = list(resolve_organs(data["organs"]))
+    catalogue = catalogue_from(data.get("organ_definitions"))  # the user's own organs too
+    organs = list(resolve_organs(data["organs"], catalogue))
     height, width, channels = data["image_shape"]
     return {
         "organs": organs,
-        "labels": {name: label_value(name) for name in organs},
+        "labels": {name: label_value(name, catalogue) for name in organs},
         "organ_definitions": data.get("organ_definitions"),
         "slicing": configs.to_dict(configs.from_dict(SlicingConfig, data["slicing"])),
         "input": {"name": "ct", "height": height, "width": width, "channels": channels,

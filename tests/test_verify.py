@@ -172,8 +172,16 @@ def test_memory_cache_estimate_and_fallback(prepared, capsys):
     assert needed == slices * cache_budget.example_bytes(manifest)
     memory = PipelineConfig(cache="memory")
     assert cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed) is memory
-    assert cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed - 1).cache is None
-    assert "reading the shards from disk each epoch instead" in capsys.readouterr().err
+    on_disk = cache_budget.fit_cache(memory, prepared / "manifest.json", budget=needed - 1).cache
+    assert Path(on_disk).parent.is_dir() and "caching them on disk" in capsys.readouterr().err
+    # train and validation share the prefix but not the files: both read back whole, twice
+    import tensorflow as tf
+
+    from hnseg_keras.inputs.pipeline import _cache
+    for split, values in (("train", range(5)), ("validation", range(10, 13))):
+        cached = _cache(tf.data.Dataset.from_tensor_slices(list(values)), on_disk, split)
+        assert [int(v) for v in cached] == list(values) == [int(v) for v in cached]
+    assert {p.name.split(".")[0] for p in Path(on_disk).parent.iterdir()} == {"slices-train", "slices-validation"}
     assert 0 < cache_budget.memory_bytes() < 1 << 50
 
 

@@ -2,15 +2,19 @@
 
 tf.data's memory cache keeps every decoded example of a split for the whole run. For a large data
 set (OpenKBP at 256 px) that can exceed the machine's memory and kill the run late in its first
-epoch, so above a budget (a quarter of physical memory, or of the container's limit) the cache is
-dropped and the shards are read from disk each epoch instead, with a note on stderr.
+epoch, so above a budget (a quarter of physical memory, or of the container's limit) the decoded
+slices are cached in files of a temporary folder instead (removed when the process exits), with a
+note on stderr.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from hnseg_keras.data.shards import Manifest
@@ -45,14 +49,17 @@ def memory_bytes() -> int:
 
 
 def fit_cache(pipeline, manifest_path: str | os.PathLike, budget: int | None = None):
-    """``pipeline`` unchanged, or with ``cache=None`` when a memory cache would pass the budget (said on stderr)."""
+    """``pipeline`` unchanged, or with a disk cache (a temporary folder, removed at exit) when a memory
+    cache would pass the budget (said on stderr)."""
     if pipeline.cache != "memory":
         return pipeline
     needed = split_bytes(Manifest.load(manifest_path))
     budget = int(BUDGET_SHARE * memory_bytes()) if budget is None else budget
     if needed <= budget:
         return pipeline
+    folder = tempfile.mkdtemp(prefix="hnseg-cache-")
+    atexit.register(shutil.rmtree, folder, True)
     print(f"note: cache=memory would hold about {needed / 2**30:.1f} GiB of decoded slices (train + validation), "
-          f"over the budget of {budget / 2**30:.1f} GiB ({BUDGET_SHARE:.0%} of memory); reading the shards from "
-          "disk each epoch instead", file=sys.stderr, flush=True)
-    return dataclasses.replace(pipeline, cache=None)
+          f"over the budget of {budget / 2**30:.1f} GiB ({BUDGET_SHARE:.0%} of memory); caching them on disk "
+          f"in {folder} instead (removed at exit)", file=sys.stderr, flush=True)
+    return dataclasses.replace(pipeline, cache=str(Path(folder) / "slices"))

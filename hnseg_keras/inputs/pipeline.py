@@ -38,10 +38,11 @@ def select_examples(examples: tf.data.Dataset) -> tf.data.Dataset:
     return examples.map(lambda example: {key: example[key] for key in EXAMPLE_KEYS})
 
 
-def _cache(dataset: tf.data.Dataset, cache: str | None) -> tf.data.Dataset:
+def _cache(dataset: tf.data.Dataset, cache: str | None, split: str) -> tf.data.Dataset:
+    """No cache, tf.data's memory cache, or its file cache at ``<cache>-<split>`` (one file set per split)."""
     if cache is None:
         return dataset
-    return dataset.cache("" if cache == "memory" else str(cache))
+    return dataset.cache("" if cache == "memory" else f"{cache}-{split}")
 
 
 def batch_seeds(seed: int) -> tf.data.Dataset:
@@ -81,7 +82,7 @@ def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConf
     cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     calls = _tune(cfg.parallel_calls)
     weights = None if organ_weights is None else tf.constant(np.asarray(organ_weights, np.float32))
-    ds = _cache(select_examples(examples), cfg.cache)
+    ds = _cache(select_examples(examples), cfg.cache, "train")
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(ds, batch_seeds(cfg.seed))
@@ -103,7 +104,7 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
     """
     cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     calls = _tune(cfg.parallel_calls)
-    ds = _cache(select_examples(examples), cfg.cache).batch(cfg.batch_size)
+    ds = _cache(select_examples(examples), cfg.cache, "validation").batch(cfg.batch_size)
 
     def prepare(batch):
         return targets.to_keras(augment.centre_crop(cast_and_window(batch, augment_config.window), augment_config.crop_size))

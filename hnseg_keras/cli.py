@@ -35,6 +35,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its text already names one or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
     parser = argparse.ArgumentParser(prog="hnseg", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"hnseg-keras {_version()}")
@@ -42,7 +52,7 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | Non
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     module = None
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=_DefaultsFormatter)
         if name == chosen:
             module = _command(name, module_name)
             module.add_arguments(sub)

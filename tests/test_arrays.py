@@ -234,7 +234,8 @@ def test_arrays_without_validation_refuse_the_plateau_schedule(tmp_path, capsys)
     data.save(tmp_path / "train.npz")
     from hnseg_keras import cli
 
-    assert cli.main(["train", "--data", str(tmp_path / "train.npz"), "--out", str(tmp_path / "run")]) == 2
+    assert cli.main(["train", "--data", str(tmp_path / "train.npz"), "--set", "lr_schedule=plateau",
+                     "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "lr_schedule=cosine" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()

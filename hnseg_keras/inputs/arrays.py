@@ -35,6 +35,7 @@ import numpy as np
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import atomic_path, refuse_existing
+from hnseg_keras.inputs.batching import organ_repeats, slice_repeats
 
 FORMAT = "hnseg-slice-arrays/1"
 MAX_ORGANS = 8
@@ -84,10 +85,13 @@ class SliceArrays:
         bits = np.arange(len(self.organs), dtype=np.uint8)
         return (self.masks[index][..., None] >> bits) & 1
 
+    def organ_presence(self) -> np.ndarray:
+        """bool [N, O]: which organs have foreground in each slice."""
+        return np.stack([((self.masks >> bit) & 1).any(axis=(1, 2)) for bit in range(len(self.organs))], axis=1)
+
     def organ_weights(self) -> np.ndarray:
         """float32 [O] mixup weights: 1 / the number of slices that hold each organ (as the pipeline's)."""
-        bits = np.arange(len(self.organs), dtype=np.uint8)
-        counts = np.array([np.count_nonzero(((self.masks >> bit) & 1).any(axis=(1, 2))) for bit in bits])
+        counts = np.count_nonzero(self.organ_presence(), axis=0)
         return (1.0 / np.maximum(counts, 1)).astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -158,13 +162,19 @@ def from_examples(examples, organs, slicing: dict, window: tuple[float, float], 
 
 
 class _UniformBatches(keras.utils.PyDataset):
-    """``steps`` batches per epoch of examples drawn uniformly with replacement. Batch ``i`` of epoch ``e``
+    """``steps`` batches per epoch of examples drawn with replacement (uniformly, or weighted by rare organs). Batch ``i`` of epoch ``e``
     depends only on ``(seed, e * steps + i)``, so workers may build batches in any order and every epoch
     draws new ones."""
 
-    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, seed: int = 0, **kwargs):
+    def __init__(self, arrays: SliceArrays, batch_size: int, steps: int, seed: int = 0,
+                 rare_organ_repeats: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.arrays, self.batch_size, self.steps, self.seed, self.epoch = arrays, batch_size, steps, seed, 0
+        self.probabilities = None
+        if rare_organ_repeats > 1:  # as the tf.data pipeline's repeat_rare: slices weighted by their repeats
+            repeats = organ_repeats(arrays.organ_weights(), rare_organ_repeats)
+            weights = slice_repeats(arrays.organ_presence(), repeats).astype(np.float64)
+            self.probabilities = weights / weights.sum()
 
     def __len__(self) -> int:
         return self.steps
@@ -174,7 +184,9 @@ class _UniformBatches(keras.utils.PyDataset):
 
     def _draw(self, i):
         rng = np.random.default_rng([self.seed, self.epoch * self.steps + i])
-        return rng, rng.integers(0, len(self.arrays), self.batch_size)
+        if self.probabilities is None:
+            return rng, rng.integers(0, len(self.arrays), self.batch_size)
+        return rng, rng.choice(len(self.arrays), self.batch_size, p=self.probabilities)
 
 
 class RawBatches(_UniformBatches):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from hnseg_keras.errors import HnsegError
 
 
@@ -23,6 +25,10 @@ class PipelineConfig:
             parsed examples (before shuffling, so each epoch is still reshuffled and re-augmented).
         augment_on_device: training yields ``(batch, seed)`` of windowed, uncropped batches; the
             train step applies ``train_step.device_augment`` (crop, warp, mixup on the accelerator).
+        rare_organ_repeats: show a slice that holds a rare organ up to this many times per pass, in
+            proportion to how much rarer than the median organ it is (1: every slice once). Small
+            organs present in few slices (submandibular glands) then get gradient as often as the
+            large ones instead of being learned last; the number of steps per epoch is unchanged.
         jit_compile: run the deterministic part of the augmentation (resampling, mixup, packing) as
             an XLA-compiled function inside tf.data (several times faster on CPU). The random draws
             stay outside XLA: TF's default stateless generator under XLA on CPU is very slow.
@@ -37,9 +43,26 @@ class PipelineConfig:
     cache: str | None = None
     augment_on_device: bool = False
     jit_compile: bool = True
+    rare_organ_repeats: int = 1
 
     def __post_init__(self):
         if self.batch_size < 1:
             raise HnsegError(f"batch_size={self.batch_size}: must be >= 1")
         if self.shuffle_buffer < 1:
             raise HnsegError(f"shuffle_buffer={self.shuffle_buffer}: must be >= 1 (1 = no shuffling)")
+        if self.rare_organ_repeats < 1:
+            raise HnsegError(f"rare_organ_repeats={self.rare_organ_repeats}: must be >= 1 (1 = no oversampling)")
+
+
+def organ_repeats(organ_weights, max_repeats: int) -> np.ndarray:
+    """int32 [O]: times per pass a slice holding each organ is shown, from ``organ_weights`` (1 / the
+    organ's foreground-slice count): the median organ's count over this organ's, rounded, in
+    ``[1, max_repeats]``. A slice with several organs takes the largest of theirs (:func:`slice_repeats`)."""
+    weights = np.asarray(organ_weights, dtype=np.float64)
+    return np.clip(np.rint(weights / np.median(weights)), 1, max_repeats).astype(np.int32)
+
+
+def slice_repeats(present, repeats) -> np.ndarray:
+    """int32 [N] repeats of each slice from ``present`` [N, O] (organ foreground in the slice)."""
+    present = np.asarray(present, dtype=bool)
+    return np.where(present, np.asarray(repeats)[None, :], 1).max(axis=1, initial=1).astype(np.int32)

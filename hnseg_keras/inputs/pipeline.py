@@ -5,7 +5,7 @@ docs/ARCHITECTURE.md: ``image`` int16 HU [H,W,C], ``masks`` uint8 [H,W,O], ``dis
 [H,W,O], ``annotated`` uint8 [O], plus ids that are dropped here); thin wrappers read them from a
 manifest with ``shards.read_split``. Training::
 
-    examples -> shuffle -> batch (drop remainder) -> draw -> augment.OPS (window, crop + warp, mixup) -> pack
+    examples -> (repeat rare-organ slices) -> shuffle -> batch (drop remainder) -> draw -> augment.OPS (window, crop + warp, mixup) -> pack
 
 where each batch carries its own stateless seed, so the stream is reproducible for a
 ``PipelineConfig.seed`` and still differs from epoch to epoch. ``x`` is the windowed HU image
@@ -23,7 +23,7 @@ import tensorflow as tf
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment, targets
 from hnseg_keras.inputs.augment import AugmentConfig, cast_and_window
-from hnseg_keras.inputs.batching import PipelineConfig
+from hnseg_keras.inputs.batching import PipelineConfig, organ_repeats
 
 EXAMPLE_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps", "annotated")
 _SEED_MODULUS = 2**31 - 1
@@ -43,6 +43,19 @@ def _cache(dataset: tf.data.Dataset, cache: str | None, split: str) -> tf.data.D
     if cache is None:
         return dataset
     return dataset.cache("" if cache == "memory" else f"{cache}-{split}")
+
+
+def repeat_rare(examples: tf.data.Dataset, repeats) -> tf.data.Dataset:
+    """Each example repeated by the largest ``repeats`` [O] entry among the organs with foreground
+    in it (1 when none), as ``batching.slice_repeats`` counts for the arrays path."""
+    repeats = tf.constant(np.asarray(repeats, np.int64))
+
+    def times(example):
+        masks = example["masks"]
+        present = tf.reduce_any(tf.reshape(masks > 0, [-1, tf.shape(masks)[-1]]), axis=0)
+        return tf.reduce_max(tf.where(present, repeats, tf.ones_like(repeats)))
+
+    return examples.flat_map(lambda example: tf.data.Dataset.from_tensors(example).repeat(times(example)))
 
 
 def batch_seeds(seed: int) -> tf.data.Dataset:
@@ -83,6 +96,8 @@ def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConf
     calls = _tune(cfg.parallel_calls)
     weights = None if organ_weights is None else tf.constant(np.asarray(organ_weights, np.float32))
     ds = _cache(select_examples(examples), cfg.cache, "train")
+    if cfg.rare_organ_repeats > 1 and organ_weights is not None:
+        ds = repeat_rare(ds, organ_repeats(organ_weights, cfg.rare_organ_repeats))
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     ds = tf.data.Dataset.zip(ds, batch_seeds(cfg.seed))

@@ -147,7 +147,8 @@ class ArrayData:
             raise HnsegError(f"{self.path}: arrays train on one worker; unset TF_CONFIG")
         cfg = config.pipeline
         steps = config.steps_per_epoch or max(1, len(self.arrays) // cfg.batch_size)
-        batches = RawBatches(self.arrays, cfg.batch_size, steps, seed=cfg.seed, use_multiprocessing=False,
+        batches = RawBatches(self.arrays, cfg.batch_size, steps, seed=cfg.seed,
+                             rare_organ_repeats=cfg.rare_organ_repeats, use_multiprocessing=False,
                              workers=4 if cfg.parallel_calls < 0 else cfg.parallel_calls)
         return batches, None, steps, None, batches[0]
 

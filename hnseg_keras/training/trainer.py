@@ -157,8 +157,8 @@ def preset(variant: str) -> TrainConfig:
     if key == "M":
         return TrainConfig(variant="M", model=variant_config("M"), augment=AugmentConfig(mixup=True),
                            loss=LossConfig(1.0, 1.0, 0.01, 20))
-    return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=96, mixup=False),
-                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=16, lr_schedule="cosine", ema_momentum=0.99,
+    return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=64, mixup=False),
+                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=30, lr_schedule="cosine", ema_momentum=0.99,
                        pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory",
                                                rare_organ_repeats=4))
 

@@ -83,6 +83,18 @@ def write_json_atomic(path: str | os.PathLike, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def portable_path(path: str | os.PathLike | None, keep: int = 1) -> str | None:
+    """``path`` as a run's files record it: a relative path inside the working folder as typed; any
+    other (absolute, or climbing out with ``..``) cut to its last ``keep`` parts, so the folders of
+    the user's machine (a home folder, a patient's name in a path) never travel with a shared run."""
+    if path is None:
+        return None
+    parts = Path(path).parts
+    if not Path(path).is_absolute() and ".." not in parts:
+        return Path(path).as_posix()
+    return Path(*parts[-keep:]).as_posix() if parts[-keep:] else ""
+
+
 def refuse_existing(path: str | os.PathLike, force: bool = False,
                     hint: str = "choose another --out or pass --force") -> None:
     """The one 'already exists' rule: refuse an existing ``path`` unless ``force``."""
@@ -124,15 +136,19 @@ class FolderLock:
     """Exclusive lock on an output folder (``<folder>/.hnseg.lock``), held until ``release`` or exit.
 
     The operating system drops the lock when the holder dies (kill -9 included), so a stale lock file
-    never blocks a rerun; a live holder makes a second writer fail with a message naming it.
+    never blocks a rerun; a live holder makes a second writer fail with a message naming it. A folder
+    the lock created and nothing was written to is removed again on release (a failed first step
+    leaves no empty output folder behind).
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "hnseg"):
         self.folder = Path(folder)
         self.what = what
         self._handle = None
+        self._created = False
 
     def acquire(self) -> FolderLock:
+        self._created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
         while True:
@@ -165,6 +181,9 @@ class FolderLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+            if self._created:
+                with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                    self.folder.rmdir()
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

@@ -185,6 +185,19 @@ def test_organ_weights_are_inverse_foreground_slice_counts():
     np.testing.assert_allclose(data.organ_weights(), [1.0, 1 / 4])
 
 
+def test_rare_organ_slices_are_drawn_as_often_as_their_repeats():
+    examples = _examples(slices=(3, 4, 5, 9))
+    for example in examples[1:]:
+        example["masks"][..., 1] = 0  # organ 1 only in the first of the four slices: repeats [1, 2]
+    data = from_examples(examples, ["BrainStem", "Mandible"], {}, WINDOW)
+    assert data.organ_presence().tolist() == [[True, True], [True, False], [True, False], [True, False]]
+    weighted = RawBatches(data, batch_size=4, steps=500, seed=3, rare_organ_repeats=4)
+    np.testing.assert_allclose(weighted.probabilities, [2 / 5, 1 / 5, 1 / 5, 1 / 5])
+    drawn = np.concatenate([weighted._draw(i)[1] for i in range(500)])
+    assert abs(np.mean(drawn == 0) - 0.4) < 0.03  # 2000 draws: sd 0.011
+    assert RawBatches(data, batch_size=4, steps=1, seed=3).probabilities is None  # uniform by default
+
+
 @pytest.mark.parametrize("augment", [["augment.warp_probability=0"], ["augment.warp_probability=1", "augment.mixup=true"]],
                          ids=["crop-only", "warp-and-mixup"])
 def test_hnseg_train_on_arrays_runs_under_jax_without_tensorflow(tmp_path, augment):

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hnseg_keras"
 BASE = ("hnseg_keras", "hnseg_keras.errors", "hnseg_keras.configs", "hnseg_keras.files", "hnseg_keras.progress",
         "hnseg_keras.render")
 DATA_READERS = ("hnseg_keras.data.organs", "hnseg_keras.data.slicing", "hnseg_keras.data.cases",
-                "hnseg_keras.data.layouts", "hnseg_keras.data.dicom")
+                "hnseg_keras.data.layouts", "hnseg_keras.data.dicom", "hnseg_keras.data.splits")
 # Module prefix -> prefixes it may import (besides BASE). The most specific prefix applies; the CLI
 # joins stages and may import anything. Nothing but the CLI imports training.
 ALLOWED: dict[str, tuple[str, ...]] = {
@@ -24,7 +24,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "hnseg_keras.model": ("hnseg_keras.model", "hnseg_keras.inputs.targets", "hnseg_keras.inputs.augment"),
     # training writes the run folder's data.json in the format model_io (a leaf module) defines
     "hnseg_keras.training": ("hnseg_keras.training", "hnseg_keras.inputs", "hnseg_keras.model",
-                             "hnseg_keras.data.shards", "hnseg_keras.data.organs", "hnseg_keras.data.slicing",
+                             "hnseg_keras.data.shards", "hnseg_keras.data.splits", "hnseg_keras.data.organs",
+                             "hnseg_keras.data.slicing",
                              "hnseg_keras.inference.model_io"),
     "hnseg_keras.inference": ("hnseg_keras.inference", "hnseg_keras.model", *DATA_READERS),
     "hnseg_keras.evaluation": ("hnseg_keras.evaluation", *DATA_READERS),

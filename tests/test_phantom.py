@@ -17,9 +17,9 @@ from hnseg_keras.data.phantom import (
     PhantomConfig,
     case_is_missing,
     generate_case,
-    split_counts,
     write_phantom,
 )
+from hnseg_keras.data.splits import split_counts
 from hnseg_keras.errors import HnsegError
 
 TINY = PhantomConfig(size=48, spacing_mm=5.0, slice_spacing_mm=(6.0, 8.0), seed=0)

@@ -12,6 +12,7 @@ import tensorflow as tf
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment, pipeline, train_step
 from hnseg_keras.inputs.augment import AugmentConfig
+from hnseg_keras.inputs.batching import organ_repeats, slice_repeats
 from hnseg_keras.inputs.pipeline import PipelineConfig
 
 SIZE, CROP, ORGANS = 40, 32, 2
@@ -49,6 +50,21 @@ def test_train_batches_have_the_documented_shapes():
         assert set(np.unique(y[..., :ORGANS])) <= {0.0, 1.0}
         lam = y[:, :, :, -1]
         assert np.all(lam == lam[:, :1, :1]) and np.all((lam >= 0) & (lam <= 1))
+
+
+def test_rare_organ_slices_repeat_in_proportion_to_rarity():
+    weights = 1.0 / np.array([160, 164, 158, 166, 52, 49])  # the demo's foreground-slice counts
+    repeats = organ_repeats(weights, 4)
+    assert repeats.tolist() == [1, 1, 1, 1, 3, 3] and organ_repeats(weights, 2).tolist() == [1, 1, 1, 1, 2, 2]
+    masks = np.zeros((4, 8, 8, 6), np.uint8)
+    masks[1, 2, 2, 4] = masks[2, 2, 2, 0] = masks[3, 1, 1, 0] = masks[3, 1, 1, 5] = 1
+    examples = tf.data.Dataset.from_tensor_slices({"masks": masks, "i": np.arange(4)})
+    assert [int(e["i"]) for e in pipeline.repeat_rare(examples, repeats)] == [0, 1, 1, 1, 2, 3, 3, 3]
+    assert slice_repeats(masks.any(axis=(1, 2)), repeats).tolist() == [1, 3, 1, 3]  # the arrays path's count
+    # In the training stream: organ 1 (odd examples) is 4x rarer in weight, so its slices come twice.
+    oversampled = dataclasses.replace(PIPE, rare_organ_repeats=2, shuffle_buffer=1)
+    assert len(_collect(pipeline.build_train_dataset(_dataset(8), oversampled, AUG, [0.1, 0.4]))) == 3  # 12 // 4
+    assert len(_collect(pipeline.build_train_dataset(_dataset(8), PIPE, AUG, [0.1, 0.4]))) == 2
 
 
 def test_same_seed_same_stream_and_epochs_differ():

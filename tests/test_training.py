@@ -217,6 +217,11 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     assert model.output_shape == (None, None, None, 3)
     assert (run / "best.keras").is_file() and not (run / "backup").exists()
     assert list((run / "logs" / "images").iterdir()) and (run / "logs" / "validation").is_dir()
+    # No folder of this machine in anything the run wrote (config, summary, history, TensorBoard, models).
+    for path in (p for p in run.rglob("*") if p.is_file()):
+        content = path.read_bytes()
+        assert str(tiny_manifest.parent).encode() not in content and str(tmp_path).encode() not in content, path
+    assert configs.read_json(run / "config.json")["data"] == f"{tiny_manifest.parent.name}/manifest.json"
     # The same config again returns at once; a different one is refused.
     assert training.train(config) == run
     assert cb.read_history(run / "history.csv") == history

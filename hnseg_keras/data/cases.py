@@ -22,13 +22,14 @@ import SimpleITK as sitk
 
 from hnseg_keras.data import checks as image_checks
 from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
+from hnseg_keras.data.splits import TEST, TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
-SPLIT_FOLDERS = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+SPLIT_FOLDERS = {TRAIN: TRAIN, VALIDATION: VALIDATION, "val": VALIDATION, TEST: TEST}
 SPACING_RTOL = 1e-3  # relative tolerance on voxel spacing between a mask and its CT
 ORIGIN_ATOL_MM = 1e-2  # absolute tolerance on the origin, mm
 DIRECTION_ATOL = 1e-4  # absolute tolerance on direction cosines

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.data.cases import CaseRef
+from hnseg_keras.data.splits import TEST
 from hnseg_keras.errors import HnsegError
 
 CHANNEL = "_0000"
@@ -63,7 +64,7 @@ def find_cases(root: Path) -> list[CaseRef]:
     """imagesTr cases (split from the user's split rule) and imagesTs cases (split "test")."""
     dataset = read_dataset(root)
     refs = []
-    for images, labels, split in (("imagesTr", "labelsTr", None), ("imagesTs", "labelsTs", "test")):
+    for images, labels, split in (("imagesTr", "labelsTr", None), ("imagesTs", "labelsTs", TEST)):
         folder = root / images
         if not folder.is_dir():
             continue

@@ -21,6 +21,7 @@ import numpy as np
 
 from hnseg_keras import configs
 from hnseg_keras.data.cases import Case, CaseRef, write_pddca_case
+from hnseg_keras.data.splits import DEFAULT_SPLITS, SPLITS, parse_fractions, split_counts
 from hnseg_keras.errors import HnsegError
 
 
@@ -385,12 +386,8 @@ def generate_case(index: int, config: PhantomConfig = PhantomConfig()) -> Case:
             grid.labels[grid.to_index(centres[name])] = classes[0]
     ct = _to_hu(grid.labels, rng, config.noise_hu)
     missing = case_is_missing(index, config)
-    masks = {
-        name: (grid.labels == classes[0]).astype(np.uint8) if len(classes) == 1
-        else np.isin(grid.labels, classes).astype(np.uint8)
-        for name, classes in ORGAN_CLASSES.items()
-        if not (missing and name in MISSABLE)
-    }
+    masks = {name: np.isin(grid.labels, classes).astype(np.uint8) for name, classes in ORGAN_CLASSES.items()
+             if not (missing and name in MISSABLE)}
     return Case(f"phantom_{index:04d}", ct, spacing, origin, masks=masks)
 
 
@@ -406,28 +403,6 @@ def _to_hu(labels, rng, noise_hu):
 
 
 # ----------------------------------------------------------------------------- writing + CLI
-
-DEFAULT_SPLITS = (0.6, 0.2, 0.2)
-SPLIT_NAMES = ("train", "validation", "test")
-
-
-def split_counts(num_cases: int, fractions: tuple[float, ...] = DEFAULT_SPLITS) -> tuple[int, ...]:
-    """Cases per split (train, validation, test) by largest remainder; every split with a
-    positive fraction gets at least one case when there are enough cases."""
-    if len(fractions) != 3 or min(fractions) < 0 or sum(fractions) <= 0:
-        raise HnsegError(f"splits {fractions}: give three non-negative fractions (train, validation, test)")
-    share = np.asarray(fractions, float) / sum(fractions) * num_cases
-    counts = np.floor(share).astype(int)
-    for i in np.argsort(counts - share)[: num_cases - counts.sum()]:
-        counts[i] += 1
-    wanted = [i for i, f in enumerate(fractions) if f > 0]
-    if num_cases >= len(wanted):
-        for i in wanted:
-            if counts[i] == 0:
-                counts[int(np.argmax(counts))] -= 1
-                counts[i] = 1
-    return tuple(int(c) for c in counts)
-
 
 def write_phantom(
     out_dir, num_cases: int, config: PhantomConfig = PhantomConfig(),
@@ -449,7 +424,8 @@ def write_phantom(
     settings = {"config": configs.to_dict(config), "num_cases": num_cases,
                 "splits": list(splits) if splits is not None else None}
     _claim_folder(out_dir, settings, overwrite)
-    names = [name for name, count in zip(SPLIT_NAMES, counts, strict=False) for _ in range(count)]
+    names = [name for name, count in zip(SPLITS, counts, strict=False) for _ in range(count)]
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     refs = []
     for index in range(num_cases):
         case_id = f"phantom_{index:04d}"
@@ -457,12 +433,12 @@ def write_phantom(
         folder = out_dir / split / case_id if split else out_dir / case_id
         refs.append(CaseRef(case_id, folder, split))
         if folder.exists() and not overwrite:
-            _say(progress, f"phantom {index + 1}/{num_cases} {case_id}: exists, skipped")
+            say(f"phantom {index + 1}/{num_cases} {case_id}: exists, skipped")
             continue
         start = time.perf_counter()
         write_pddca_case(generate_case(index, config), folder, overwrite=overwrite)
         seconds = time.perf_counter() - start
-        _say(progress, f"phantom {index + 1}/{num_cases} {case_id} -> {folder.parent.name} ({seconds:.1f} s)")
+        say(f"phantom {index + 1}/{num_cases} {case_id} -> {folder.parent.name} ({seconds:.1f} s)")
     return refs
 
 
@@ -475,11 +451,6 @@ def _claim_folder(out_dir: Path, settings: dict, overwrite: bool) -> None:
         if configs.read_json(record) != settings:
             raise HnsegError(f"{record}: written with other settings; choose another --out or pass --overwrite")
     configs.write_json_atomic(record, settings)
-
-
-def _say(enabled: bool, line: str) -> None:
-    if enabled:
-        print(line, file=sys.stderr, flush=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -507,12 +478,7 @@ def run(args: argparse.Namespace) -> int:
         size=args.size, spacing_mm=args.spacing, slice_spacing_mm=tuple(args.slice_spacing),
         z_extent_mm=args.z_extent, missing_share=args.missing_share, noise_hu=args.noise, seed=args.seed,
     )
-    splits = None
-    if args.splits.strip().lower() != "none":
-        try:
-            splits = tuple(float(part) for part in args.splits.split(","))
-        except ValueError:
-            raise HnsegError(f"--splits {args.splits!r}: give three numbers like 0.6,0.2,0.2 or 'none'") from None
+    splits = None if args.splits.strip().lower() == "none" else parse_fractions(args.splits, "--splits")
     refs = write_phantom(args.out, args.cases, config, splits, overwrite=args.overwrite)
     print(f"wrote {len(refs)} phantom cases to {args.out}", file=sys.stderr)
     return 0

@@ -22,13 +22,13 @@ import numpy as np
 
 from hnseg_keras import configs
 from hnseg_keras.data.slicing import SlicingConfig
+from hnseg_keras.data.splits import SPLITS, TRAIN
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import sha256_file, temp_name
 
 SCHEMA_VERSION = 1
 HIST_FIRST_HU = -1024
 HIST_BINS = 4096  # 1-HU bins for -1024 .. 3071; values outside fall into the end bins
-SPLITS = ("train", "validation", "test")
 TEMP_SUFFIX = ".tmp"
 ORGAN_COUNTS = ("annotated_cases", "annotated_slices", "foreground_slices", "foreground_pixels")
 
@@ -278,7 +278,7 @@ class Manifest:
         }
         counts = np.zeros(HIST_BINS, dtype=np.int64)
         for record in records:
-            if record.split == "train":
+            if record.split == TRAIN:
                 counts += np.asarray(record.histogram, dtype=np.int64)
         histogram = {"first_hu": HIST_FIRST_HU, "bin_hu": 1, "counts": counts.tolist()}
         return cls(**fields, splits=splits, cases=cases, intensity_histogram=histogram)
@@ -316,19 +316,19 @@ class Manifest:
 
 
 def read_split(manifest_path: str | os.PathLike, split: str, deterministic: bool = True,
-               shuffle_seed: int | None = None, cycle_length: int = 8):
+               shuffle_seed: int | None = None, cycle_length: int = 8, manifest: Manifest | None = None):
     """tf.data.Dataset of parsed example dicts (`parse_example`) for one split of a manifest.
 
     Shards are read with a parallel interleave (one record from each of `cycle_length` shards in
     turn). `deterministic` fixes the order; `shuffle_seed` shuffles the shard order (reshuffled each
-    epoch, reproducible for a seed). Returns a tf.data.Dataset.
+    epoch, reproducible for a seed). `manifest`: the one at `manifest_path`, if the caller holds it.
     """
     import tensorflow as tf
 
     manifest_path = Path(manifest_path)
     if manifest_path.is_dir():
         manifest_path = manifest_path / "manifest.json"
-    manifest = Manifest.load(manifest_path)
+    manifest = manifest or Manifest.load(manifest_path)
     shards = manifest.shards(split)
     if not shards:
         raise HnsegError(f"{manifest_path}: split {split!r} has no slices; choose another split or data set")
@@ -395,10 +395,12 @@ def shard_problems(root: str | os.PathLike, shards: Sequence[ShardInfo], use_cac
     return problems
 
 
-def verify_data(manifest_path: str | os.PathLike, splits: Sequence[str] | None = None, use_cache: bool = True) -> Manifest:
-    """Check the shards of ``splits`` (default: all) of a manifest; one-line HnsegError naming the first bad one."""
+def verify_data(manifest_path: str | os.PathLike, splits: Sequence[str] | None = None, use_cache: bool = True,
+                manifest: Manifest | None = None) -> Manifest:
+    """Check the shards of ``splits`` (default: all) of a manifest (``manifest``, if the caller holds it
+    already); one-line HnsegError naming the first bad one."""
     path = Path(manifest_path)
-    manifest = Manifest.load(path)
+    manifest = manifest or Manifest.load(path)
     root = path if path.is_dir() else path.parent
     shards = [info for split in (splits or list(manifest.splits)) if split in manifest.splits
               for info in manifest.shards(split)]

@@ -46,6 +46,7 @@ from hnseg_keras.data.slicing import (
     field_of_view,
     to_field_of_view,
 )
+from hnseg_keras.data.splits import SPLITS
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
 from hnseg_keras.inference import slicer, trust
@@ -363,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pddca-masks", action="store_true",
                         help="also write OUT/masks/<case>/structures/<Organ>.nrrd")
     parser.add_argument("--batch-size", type=int, default=8, help="slices per inference batch (default 8)")
-    parser.add_argument("--split", choices=("train", "validation", "test"),
+    parser.add_argument("--split", choices=SPLITS,
                         help="with a dataset folder: predict only this split")
     parser.add_argument("--force", action="store_true", help="redo finished cases, replacing their outputs")
     parser.add_argument("--continue-on-error", action="store_true",

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from hnseg_keras.data.shards import Manifest
+from hnseg_keras.data.splits import TRAIN, VALIDATION
 
 BUDGET_SHARE = 0.25
 CGROUP_LIMIT = Path("/sys/fs/cgroup/memory.max")
@@ -30,7 +31,7 @@ def example_bytes(manifest: Manifest) -> int:
     return height * width * (2 * channels + 2 * organs) + organs + 64
 
 
-def split_bytes(manifest: Manifest, splits=("train", "validation")) -> int:
+def split_bytes(manifest: Manifest, splits=(TRAIN, VALIDATION)) -> int:
     """Memory the memory cache of ``splits`` would hold (slices x bytes per example)."""
     slices = sum(int(manifest.splits.get(split, {}).get("slices", 0)) for split in splits)
     return slices * example_bytes(manifest)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from hnseg_keras.data.splits import TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment, targets
 from hnseg_keras.inputs.augment import AugmentConfig, cast_and_window
@@ -95,7 +96,7 @@ def build_train_dataset(examples: tf.data.Dataset, pipeline_config: PipelineConf
     cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     calls = _tune(cfg.parallel_calls)
     weights = None if organ_weights is None else tf.constant(np.asarray(organ_weights, np.float32))
-    ds = _cache(select_examples(examples), cfg.cache, "train")
+    ds = _cache(select_examples(examples), cfg.cache, TRAIN)
     if cfg.rare_organ_repeats > 1 and organ_weights is not None:
         ds = repeat_rare(ds, organ_repeats(organ_weights, cfg.rare_organ_repeats))
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
@@ -119,7 +120,7 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
     """
     cfg, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
     calls = _tune(cfg.parallel_calls)
-    ds = _cache(select_examples(examples), cfg.cache, "validation").batch(cfg.batch_size)
+    ds = _cache(select_examples(examples), cfg.cache, VALIDATION).batch(cfg.batch_size)
 
     def prepare(batch):
         return targets.to_keras(augment.centre_crop(cast_and_window(batch, augment_config.window), augment_config.crop_size))
@@ -130,7 +131,7 @@ def build_validation_dataset(examples: tf.data.Dataset, pipeline_config: Pipelin
 # ----------------------------------------------------------------------------- manifest wrappers
 
 
-def organ_weights_from_manifest(manifest, split: str = "train") -> np.ndarray:
+def organ_weights_from_manifest(manifest, split: str = TRAIN) -> np.ndarray:
     """float32 [O] mixup weights: 1 / foreground-slice count of each organ in ``split``.
 
     An organ without foreground slices gets weight 1 (it never appears, so only the empty-slice
@@ -162,26 +163,25 @@ def intensity_stats(manifest, window: tuple[float, float] | None) -> tuple[float
 
 
 def train_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
-                  augment_config: AugmentConfig | None = None, split: str = "train",
-                  organ_weights=None) -> tf.data.Dataset:
-    """:func:`build_train_dataset` over ``split`` of a manifest, with its organ weights (from the
-    manifest unless given, e.g. by a caller that has it loaded already)."""
+                  augment_config: AugmentConfig | None = None, split: str = TRAIN,
+                  manifest=None) -> tf.data.Dataset:
+    """:func:`build_train_dataset` over ``split`` of a manifest (``manifest``: the loaded one, if the
+    caller holds it), with the train split's organ weights."""
     from hnseg_keras.data.shards import Manifest, read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    if organ_weights is None:
-        organ_weights = organ_weights_from_manifest(Manifest.load(manifest_path), "train")
+    manifest = manifest or Manifest.load(manifest_path)
     examples = read_split(manifest_path, split, shuffle_seed=pipeline_config.seed,
-                          cycle_length=pipeline_config.parallel_reads)
-    return build_train_dataset(examples, pipeline_config, augment_config, organ_weights)
+                          cycle_length=pipeline_config.parallel_reads, manifest=manifest)
+    return build_train_dataset(examples, pipeline_config, augment_config, organ_weights_from_manifest(manifest))
 
 
 def validation_dataset(manifest_path: str | os.PathLike, pipeline_config: PipelineConfig | None = None,
-                       augment_config: AugmentConfig | None = None,
-                       split: str = "validation") -> tf.data.Dataset:
+                       augment_config: AugmentConfig | None = None, split: str = VALIDATION,
+                       manifest=None) -> tf.data.Dataset:
     """:func:`build_validation_dataset` over ``split`` of a manifest (fixed order)."""
     from hnseg_keras.data.shards import read_split
 
     pipeline_config, augment_config = pipeline_config or PipelineConfig(), augment_config or AugmentConfig()
-    examples = read_split(manifest_path, split, cycle_length=pipeline_config.parallel_reads)
+    examples = read_split(manifest_path, split, cycle_length=pipeline_config.parallel_reads, manifest=manifest)
     return build_validation_dataset(examples, pipeline_config, augment_config)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs, render
+from hnseg_keras.data.splits import TRAIN
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import refuse_existing
 
@@ -42,7 +43,7 @@ def render_grid(images: np.ndarray, masks: np.ndarray, organs: Sequence[str], wi
     return render.with_legend(render.mosaic(tiles, gap=0), organs)
 
 
-def preview_batch(manifest_path, count: int, seed: int, augment_config, split: str = "train"):
+def preview_batch(manifest_path, count: int, seed: int, augment_config, split: str = TRAIN):
     """One augmented training batch of ``count`` slices: (images, masks, lam or None, organ names).
 
     masks are those of the target with the larger mixup weight (the first one when lam >= 0.5).

@@ -13,11 +13,10 @@ import os
 from pathlib import Path
 
 from hnseg_keras import configs
-from hnseg_keras.data.shards import SPLITS, Manifest, sha256_file, verify_data
+from hnseg_keras.data.shards import Manifest, sha256_file, verify_data
+from hnseg_keras.data.splits import TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs.arrays import RawBatches, SliceArrays
-
-TRAIN, VALIDATION = SPLITS[0], SPLITS[1]
 
 
 def open_data(path: str | os.PathLike | None):
@@ -56,7 +55,7 @@ class ShardData:
 
     def verify(self) -> None:
         """Size + sha256 of the train and validation shards against the manifest (cached while unchanged)."""
-        verify_data(self.path, (TRAIN, VALIDATION))
+        verify_data(self.path, (TRAIN, VALIDATION), manifest=self.manifest)
 
     def hu_stats(self, window) -> tuple[float, float]:
         from hnseg_keras.inputs.pipeline import intensity_stats
@@ -81,8 +80,8 @@ class ShardData:
         config = dataclasses.replace(config, pipeline=fit_cache(config.pipeline, self.path))  # memory budget
         batch = config.pipeline.batch_size
         steps = config.steps_per_epoch or self.slices(TRAIN) // batch
-        train_ds = train_dataset(self.path, config.pipeline, config.augment, organ_weights=self.organ_weights()).repeat()
-        val_ds = validation_dataset(self.path, config.pipeline, config.augment)
+        train_ds = train_dataset(self.path, config.pipeline, config.augment, manifest=self.manifest).repeat()
+        val_ds = validation_dataset(self.path, config.pipeline, config.augment, manifest=self.manifest)
         val_steps = config.validation_steps
         if multi_worker:
             # Every worker must run the same number of steps (whole batches only). Training batches are

@@ -31,8 +31,9 @@ from pathlib import Path
 import keras
 
 from hnseg_keras import configs
+from hnseg_keras.data.splits import TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import FolderLock
+from hnseg_keras.files import FolderLock, portable_path
 from hnseg_keras.inference import model_io
 from hnseg_keras.inputs.augment import HU_RANGE, AugmentConfig, check_crop
 from hnseg_keras.inputs.batching import PipelineConfig
@@ -42,7 +43,7 @@ from hnseg_keras.model.metrics import dice_metrics
 from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
 from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import curves, distributed, resume
-from hnseg_keras.training.sources import TRAIN, VALIDATION, open_data
+from hnseg_keras.training.sources import open_data
 
 VARIANT_NAMES = ("S", "M", "L")
 
@@ -268,7 +269,7 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     # files land in the run folder, the others write to a sibling scratch folder removed at the end
     # (kept after a kill, so each worker resumes from its own backup).
     run = out if chief else out.with_name(f".{out.name}.worker-{task}")
-    resolved = configs.to_dict(config)
+    resolved = stored_config(config)
     state = cb.check_run_folder(run, resolved)
     if chief:
         print(json.dumps(resolved, indent=2), flush=True)
@@ -289,6 +290,13 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     if not chief:
         shutil.rmtree(run, ignore_errors=True)
     return run
+
+
+def stored_config(config: TrainConfig) -> dict:
+    """``config`` as ``config.json`` holds it: ``data`` and ``out`` without the machine's folders
+    (:func:`files.portable_path`); a run given an absolute ``--data`` needs ``--data`` again to be rerun."""
+    return configs.to_dict(dataclasses.replace(config, data=portable_path(config.data, 2),
+                                               out=portable_path(config.out)))
 
 
 def write_run_files(run: Path, resolved: dict, description: dict) -> None:
@@ -324,7 +332,7 @@ def fit_run(config: TrainConfig, model, run: Path, data, extra_callbacks: list =
                  keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True), *extra_callbacks]
     verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
     start = time.perf_counter()
-    summary = {"organs": organs, "data": str(data.path), "initial_epoch": first, "resumed_from_epoch": resumed,
+    summary = {"organs": organs, "data": portable_path(data.path, 2), "initial_epoch": first, "resumed_from_epoch": resumed,
                "backend": keras.backend.backend()}
     fixes = distributed.multi_worker_fit_fixes(model, strategy, augment) if multi_worker else contextlib.nullcontext()
     try:

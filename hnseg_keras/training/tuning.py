@@ -34,12 +34,13 @@ from pathlib import Path
 import keras_tuner
 
 from hnseg_keras import configs
+from hnseg_keras.data.splits import VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock, write_text_atomic
 from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import distributed
 from hnseg_keras.training import trainer as training
-from hnseg_keras.training.sources import VALIDATION, open_data
+from hnseg_keras.training.sources import open_data
 from hnseg_keras.training.trainer import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
@@ -217,7 +218,7 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
         self._executions[trial_id] += 1
         run = trial_folder(self.out, trial_id, execution, self.tune.executions_per_trial)
         config = execution_config(apply_values(self.base, hp.values), execution, int(epochs or self.epochs), run)
-        resolved = configs.to_dict(config)
+        resolved = training.stored_config(config)
         try:
             if cb.check_run_folder(run, resolved) != "finished":
                 if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
@@ -372,7 +373,7 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
     base = dataclasses.replace(base, out=None)
     out = Path(tune.out) if tune.out else default_out(base)
     settings = {key: value for key, value in configs.to_dict(tune).items() if key not in ("max_trials", "out")}
-    record = {"tune": settings, "train": configs.to_dict(base)}
+    record = {"tune": settings, "train": training.stored_config(base)}
     check_search_folder(out, record)
     strategy = _strategy()
     data = open_data(base.data)
@@ -474,6 +475,7 @@ def write_results(oracle, base: TrainConfig, epochs: int, out: Path) -> dict:
         config = dataclasses.replace(apply_values(base, best["values"]),
                                      epochs=int(best["values"].get("tuner/epochs", epochs)),
                                      out=str(out / "best_run"))
+        # a recipe to rerun here (as a command line would be), so it keeps the --data path as given
         configs.write_json_atomic(out / "best_config.json", configs.to_dict(config))
         text += [f"Best: trial {best['trial_id']} ({best['run']}); train it with "
                  f"`python scripts/train.py --config {out / 'best_config.json'}`.", ""]

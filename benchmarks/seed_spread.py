@@ -1,16 +1,22 @@
-"""Seed spread of the main job: run ``scripts/demo.py`` once per seed and report mean, sd and worst case.
+"""Seed spread of a short training: run it once per seed and report mean, sd and worst case.
 
-A single short training on a handful of cases lands wherever its seed and the CPU's arithmetic take
-it; the spread over seeds is the honest figure to quote. Each seed runs the demo with
-``--set seed=N --set pipeline.seed=N`` (weights, data order and augmentation) plus any ``--set`` given
-here, into ``<runs>/seed-N``. A seed folder that finished earlier with the same settings is reused, so
-a killed benchmark picks up where it stopped; an unfinished one (a temporary folder) is started over.
+A single short training lands wherever its seed and the CPU's arithmetic take it; the spread over
+seeds is the honest figure to quote. Each seed trains with ``--set seed=N --set pipeline.seed=N``
+(weights, data order and augmentation) plus any ``--set`` given here, into ``<runs>/seed-N``. A seed
+folder that finished earlier with the same settings is reused, so a killed benchmark picks up where it
+stopped; an unfinished one (a temporary folder) is started over.
 
     python benchmarks/seed_spread.py --seeds 5 --runs runs/seeds --out demo_seeds.json
+    python benchmarks/seed_spread.py --profile openkbp --seeds 3 --runs runs/openkbp/seeds \
+        --data runs/openkbp/shards/manifest.json --cases ../shared/data/openkbp-hn --out openkbp_seeds.json
 
-Prints per seed the best validation Dice, the test mean 3D Dice and each organ's test Dice (mean over
-the test cases), the demo's wall time, then mean, sd and worst case over the seeds, with the CPU
-model and the date. ``--md`` also writes that table as Markdown.
+``--profile demo`` (default) runs ``scripts/demo.py`` (the main job; scored on its test cases).
+``--profile openkbp`` runs the OpenKBP 36-minute profile on prepared shards: train, export the final
+weights, predict the ``validation`` cases of ``--cases`` with largest-component cleanup, evaluate.
+
+Prints per seed the best validation Dice, the held-out mean 3D Dice and each organ's 3D Dice (mean
+over the cases), the wall time, then mean, sd and worst case over the seeds, with the CPU model and
+the date. ``--md`` also writes that table as Markdown.
 """
 
 from __future__ import annotations
@@ -44,13 +50,32 @@ def cpu_model() -> str:
     return f"{names[0] if names else platform.machine()}, {len(names) or os.cpu_count()} logical CPUs"
 
 
-def demo_command(seed: int, out: Path, overrides: list[str], config: str | None) -> list[str]:
-    """The demo's command line for one seed (``seed`` and ``pipeline.seed`` set, then ``overrides``)."""
+def seed_overrides(seed: int, overrides: list[str]) -> list[str]:
+    """``--set`` arguments: ``seed`` and ``pipeline.seed`` first, then ``overrides``."""
+    return [arg for item in [f"seed={seed}", f"pipeline.seed={seed}", *overrides] for arg in ("--set", item)]
+
+
+def demo_commands(seed: int, out: Path, overrides: list[str], config: str | None) -> list[list[str]]:
+    """The demo's command line for one seed (it trains, predicts and evaluates into ``out``)."""
     command = [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out)]
-    command += ["--config", config] if config else []
-    for item in [f"seed={seed}", f"pipeline.seed={seed}", *overrides]:
-        command += ["--set", item]
-    return command
+    return [command + (["--config", config] if config else []) + seed_overrides(seed, overrides)]
+
+
+def openkbp_commands(seed: int, out: Path, overrides: list[str], config: str | None, data: Path,
+                     cases: Path) -> list[list[str]]:
+    """The OpenKBP profile for one seed, as in results/openkbp.md: train on the shards of ``data``,
+    export the final weights, predict and score the validation cases of ``cases``."""
+    hnseg = [sys.executable, "-m", "hnseg_keras.cli"]
+    organs = ["BrainStem", "Mandible", "Parotid_L", "Parotid_R"]
+    return [
+        [*hnseg, "train", "--config", config or str(REPO / "configs" / "openkbp.json"), "--data", str(data),
+         "--out", str(out / "run"), *seed_overrides(seed, overrides)],
+        [*hnseg, "export", str(out / "run"), "--out", str(out / "export"), "--which", "final"],
+        [*hnseg, "predict", str(cases), "--split", "validation", "--model", str(out / "export"),
+         "--out", str(out / "pred"), "--largest-component"],
+        [*hnseg, "evaluate", "--pred", str(out / "pred"), "--gt", str(cases / "validation"),
+         "--organs", *organs, "--out", str(out / "evaluation")],
+    ]
 
 
 def read_seed(folder: Path) -> dict:
@@ -69,24 +94,27 @@ def read_seed(folder: Path) -> dict:
     }
 
 
-def run_seed(seed: int, runs: Path, overrides: list[str], config: str | None) -> dict:
-    """Figures of one seed, running the demo unless ``<runs>/seed-N`` finished with these settings."""
+def run_seed(seed: int, runs: Path, overrides: list[str], config: str | None, commands) -> dict:
+    """Figures of one seed, running ``commands(seed, folder)`` unless ``<runs>/seed-N`` finished with
+    these settings."""
     folder = runs / f"seed-{seed}"
-    wanted = {"seed": seed, "overrides": overrides, "config": config}
+    wanted = {"seed": seed, "overrides": overrides, "config": config, "profile": commands.profile}
     if folder.exists():
         record = json.loads((folder / RECORD).read_text()) if (folder / RECORD).is_file() else {}
+        record = {"profile": "demo", **record}  # records written before profiles existed are demo runs
         if {key: record.get(key) for key in wanted} != wanted:
             raise HnsegError(f"{folder}: holds a run of other settings (or none); choose another --runs "
                              "or delete that folder")
         print(f"seed {seed}: reusing {folder}", file=sys.stderr, flush=True)
         return {**record, **read_seed(folder)}
     with files.atomic_path(folder) as temp:
-        command = demo_command(seed, temp, overrides, config)
-        print(f"seed {seed}: {shlex.join(command)}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        status = subprocess.run(command, cwd=REPO).returncode
-        if status != 0:
-            raise HnsegError(f"seed {seed}: the demo failed (exit {status}); see its output above")
+        for command in commands(seed, temp):
+            print(f"seed {seed}: {shlex.join(command)}", file=sys.stderr, flush=True)
+            status = subprocess.run(command, cwd=REPO).returncode
+            if status != 0:
+                step = command[3] if command[1] == "-m" else Path(command[1]).name
+                raise HnsegError(f"seed {seed}: {step} failed (exit {status}); see its output above")
         record = {**wanted, "wall_time_s": time.perf_counter() - started}
         files.write_json_atomic(temp / RECORD, record)
         figures = read_seed(temp)
@@ -119,8 +147,8 @@ def summarize(seeds: list[dict]) -> dict:
 def table(report: dict) -> str:
     """Markdown: one row per seed, then mean, sd and worst; Dice in %, val Dice as a fraction."""
     seeds, summary = report["seeds"], report["summary"]
-    organs = list(summary["organ_dice"])
-    lines = ["| seed | best val_dice | test mean Dice (%) | " + " | ".join(organs) + " | demo wall (min) |",
+    organs, scored = list(summary["organ_dice"]), report.get("scored", "test")
+    lines = [f"| seed | best val_dice | {scored} mean Dice (%) | " + " | ".join(organs) + " | wall (min) |",
              "|" + "---|" * (len(organs) + 4)]
     for s in seeds:
         cells = [str(s["seed"]), f"{s['best_val_dice']:.3f}", f"{100 * s['test_dice']:.1f}",
@@ -136,13 +164,38 @@ def table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_commands(args):
+    """``commands(seed, folder)`` of the chosen profile (tagged with its name); checks its inputs first."""
+    if args.profile == "demo":
+        def commands(seed, out):
+            return demo_commands(seed, out, args.set, args.config)
+    else:
+        data, cases = Path(args.data).resolve(), Path(args.cases).resolve()
+        if not data.is_file():
+            raise HnsegError(f"--data {args.data}: no such manifest; prepare the shards first "
+                             "(hnseg prepare, as in results/openkbp.md)")
+        if not (cases / "validation").is_dir():
+            raise HnsegError(f"--cases {args.cases}: holds no validation/ folder of cases to score")
+
+        def commands(seed, out):
+            return openkbp_commands(seed, out, args.set, args.config, data, cases)
+    commands.profile = args.profile
+    return commands
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
     parser.add_argument("--runs", default="runs/seeds", help="folder of the seed runs (reused on a rerun)")
     parser.add_argument("--out", required=True, help="JSON report to write (refused if it exists)")
     parser.add_argument("--md", help="also write the table as Markdown here (refused if it exists)")
-    parser.add_argument("--config", help="training config for the demo (default: the demo's)")
+    parser.add_argument("--profile", choices=("demo", "openkbp"), default="demo",
+                        help="demo: the main job (default); openkbp: the OpenKBP 36-minute profile")
+    parser.add_argument("--data", default="runs/openkbp/shards/manifest.json",
+                        help="openkbp: manifest of the prepared shards")
+    parser.add_argument("--cases", default="../shared/data/openkbp-hn",
+                        help="openkbp: the case folder (its validation/ cases are predicted and scored)")
+    parser.add_argument("--config", help="training config (default: the profile's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="training config override for every seed, repeatable")
     args = parser.parse_args(argv)
@@ -153,9 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(runs)
-    seeds = [run_seed(seed, runs, args.set, args.config) for seed in range(args.seeds)]
+    commands = profile_commands(args)
+    seeds = [run_seed(seed, runs, args.set, args.config, commands) for seed in range(args.seeds)]
     report = {"command": shlex.join(["python", "benchmarks/seed_spread.py", *(argv or sys.argv[1:])]),
-              "machine": cpu_model(), "date": time.strftime("%Y-%m-%d"), "overrides": args.set,
+              "machine": cpu_model(), "date": time.strftime("%Y-%m-%d"), "profile": args.profile,
+              "scored": "test" if args.profile == "demo" else "validation-case", "overrides": args.set,
               "seeds": seeds, "summary": summarize(seeds)}
     files.write_json_atomic(args.out, report)
     text = table(report)

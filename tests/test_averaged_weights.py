@@ -98,3 +98,18 @@ def test_seed_spread_summary_gives_mean_sd_and_worst():
     assert summary["organ_dice"]["Mandible"]["worst"] == 0.7 and summary["wall_time_s_max"] == 120.0
     text = module.table({"seeds": seeds, "summary": summary})
     assert "| 1 | 0.900 | 80.0 | 90.0 | 2.0 |" in text and "| **worst** | 0.800 | 80.0 | 70.0 | 2.0 (max) |" in text
+
+
+def test_seed_spread_runs_the_openkbp_profile_as_documented(tmp_path):
+    spec = importlib.util.spec_from_file_location("seed_spread", REPO / "benchmarks" / "seed_spread.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, data, cases = tmp_path / "seed-2", tmp_path / "shards" / "manifest.json", tmp_path / "cases"
+    commands = module.openkbp_commands(2, out, ["epochs=3"], None, data, cases)
+    assert [command[3] for command in commands] == ["train", "export", "predict", "evaluate"]
+    train, export, predict, evaluate = (command[4:] for command in commands)
+    assert train == ["--config", str(REPO / "configs" / "openkbp.json"), "--data", str(data), "--out",
+                     str(out / "run"), "--set", "seed=2", "--set", "pipeline.seed=2", "--set", "epochs=3"]
+    assert export == [str(out / "run"), "--out", str(out / "export"), "--which", "final"]
+    assert predict[:3] == [str(cases), "--split", "validation"] and "--largest-component" in predict
+    assert evaluate[:4] == ["--pred", str(out / "pred"), "--gt", str(cases / "validation")]

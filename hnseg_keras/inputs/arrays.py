@@ -89,9 +89,10 @@ class SliceArrays:
         """bool [N, O]: which organs have foreground in each slice."""
         return np.stack([((self.masks >> bit) & 1).any(axis=(1, 2)) for bit in range(len(self.organs))], axis=1)
 
-    def organ_weights(self) -> np.ndarray:
-        """float32 [O] mixup weights: 1 / the number of slices that hold each organ (as the pipeline's)."""
-        counts = np.count_nonzero(self.organ_presence(), axis=0)
+    def organ_weights(self, presence: np.ndarray | None = None) -> np.ndarray:
+        """float32 [O] mixup weights: 1 / the number of slices that hold each organ (as the pipeline's).
+        ``presence``: :meth:`organ_presence`, when the caller already has it."""
+        counts = np.count_nonzero(self.organ_presence() if presence is None else presence, axis=0)
         return (1.0 / np.maximum(counts, 1)).astype(np.float32)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -172,8 +173,9 @@ class _UniformBatches(keras.utils.PyDataset):
         self.arrays, self.batch_size, self.steps, self.seed, self.epoch = arrays, batch_size, steps, seed, 0
         self.probabilities = None
         if rare_organ_repeats > 1:  # as the tf.data pipeline's repeat_rare: slices weighted by their repeats
-            repeats = organ_repeats(arrays.organ_weights(), rare_organ_repeats)
-            weights = slice_repeats(arrays.organ_presence(), repeats).astype(np.float64)
+            presence = arrays.organ_presence()
+            repeats = organ_repeats(arrays.organ_weights(presence), rare_organ_repeats)
+            weights = slice_repeats(presence, repeats).astype(np.float64)
             self.probabilities = weights / weights.sum()
 
     def __len__(self) -> int:

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from hnseg_keras import files
+from hnseg_keras import configs, files
 from hnseg_keras.errors import HnsegError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,7 +66,7 @@ def openkbp_commands(seed: int, out: Path, overrides: list[str], config: str | N
     """The OpenKBP profile for one seed, as in results/openkbp.md: train on the shards of ``data``,
     export the final weights, predict and score the validation cases of ``cases``."""
     hnseg = [sys.executable, "-m", "hnseg_keras.cli"]
-    organs = ["BrainStem", "Mandible", "Parotid_L", "Parotid_R"]
+    organs = configs.read_json(REPO / "configs" / "openkbp_prepare.json")["organs"]  # what the shards hold
     return [
         [*hnseg, "train", "--config", config or str(REPO / "configs" / "openkbp.json"), "--data", str(data),
          "--out", str(out / "run"), *seed_overrides(seed, overrides)],
@@ -94,11 +94,11 @@ def read_seed(folder: Path) -> dict:
     }
 
 
-def run_seed(seed: int, runs: Path, overrides: list[str], config: str | None, commands) -> dict:
+def run_seed(seed: int, runs: Path, overrides: list[str], config: str | None, profile: str, commands) -> dict:
     """Figures of one seed, running ``commands(seed, folder)`` unless ``<runs>/seed-N`` finished with
     these settings."""
     folder = runs / f"seed-{seed}"
-    wanted = {"seed": seed, "overrides": overrides, "config": config, "profile": commands.profile}
+    wanted = {"seed": seed, "overrides": overrides, "config": config, "profile": profile}
     if folder.exists():
         record = json.loads((folder / RECORD).read_text()) if (folder / RECORD).is_file() else {}
         record = {"profile": "demo", **record}  # records written before profiles existed are demo runs
@@ -165,7 +165,7 @@ def table(report: dict) -> str:
 
 
 def profile_commands(args):
-    """``commands(seed, folder)`` of the chosen profile (tagged with its name); checks its inputs first."""
+    """``commands(seed, folder)`` of the chosen profile; checks its inputs first."""
     if args.profile == "demo":
         def commands(seed, out):
             return demo_commands(seed, out, args.set, args.config)
@@ -179,7 +179,6 @@ def profile_commands(args):
 
         def commands(seed, out):
             return openkbp_commands(seed, out, args.set, args.config, data, cases)
-    commands.profile = args.profile
     return commands
 
 
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(runs)
     commands = profile_commands(args)
-    seeds = [run_seed(seed, runs, args.set, args.config, commands) for seed in range(args.seeds)]
+    seeds = [run_seed(seed, runs, args.set, args.config, args.profile, commands) for seed in range(args.seeds)]
     report = {"command": shlex.join(["python", "benchmarks/seed_spread.py", *(argv or sys.argv[1:])]),
               "machine": cpu_model(), "date": time.strftime("%Y-%m-%d"), "profile": args.profile,
               "scored": "test" if args.profile == "demo" else "validation-case", "overrides": args.set,

@@ -176,6 +176,29 @@ def test_training_curves_png_from_history(tmp_path):
     assert (np.abs(pixels - colour_of("Parotid_L")).max(axis=-1) <= 2).sum() > 20
 
 
+def test_training_curves_redraw_at_most_every_interval_and_at_the_end(tmp_path):
+    from hnseg_keras.training import curves
+
+    clock, history, png = _Clock(), tmp_path / "history.csv", tmp_path / "c.png"
+    rows = ["epoch,loss,val_loss,val_dice,val_dice_Parotid_L,learning_rate"]
+    callback = curves.TrainingCurves(history, png, ["Parotid_L"], every_s=30.0, clock=clock)
+
+    def epoch_ends(at):
+        clock.now = at
+        rows.append(f"{len(rows) - 1},{1 / len(rows)},1.0,{0.1 * len(rows)},0.5,0.001")
+        history.write_text("\n".join(rows) + "\n")
+        callback.on_epoch_end(len(rows) - 2)
+        return png.read_bytes()
+
+    first = epoch_ends(0.0)  # the first epoch draws
+    assert epoch_ends(10.0) == first  # 10 s later: not redrawn
+    third = epoch_ends(31.0)  # 31 s after the last drawing: redrawn with three epochs
+    assert third != first
+    assert epoch_ends(40.0) == third
+    callback.on_train_end()  # the end always draws the last epochs
+    assert png.read_bytes() != third
+
+
 # ----------------------------------------------------------------------------- progress
 
 

@@ -405,3 +405,20 @@ def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny
     assert [row["epoch"] for row in cb.read_history(run / "history.csv")] == [0]
     model = keras.saving.load_model(run / "final.keras")
     assert "_unaugmented_train_step" not in model.__dict__ and model.output_shape == (None, None, None, 3)
+
+
+
+def test_the_optimizer_is_built_with_the_model(tiny_manifest, tmp_path):
+    """Built before ``fit``, Adam's variables (moments, moving average) are not created while the first
+    train step is traced, so that step is traced once; its first update is the usual Adam step."""
+    data = sources.open_data(tiny_manifest)
+    config = training.resolve_for_data(tiny_config(tiny_manifest, tmp_path / "run", "ema_momentum=0.9"), data)
+    model = training.build_compiled_model(config, list(ORGANS))
+    assert model.optimizer.built and len(model.optimizer.variables) > 3 * len(model.trainable_variables)
+    x, y = next(iter(data.batches(config)[0]))
+    before = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    model.train_on_batch(x, y)
+    # Adam's first step moves every weight with a non-zero gradient by about the learning rate.
+    moved = [np.abs(keras.ops.convert_to_numpy(v) - b).max() for v, b in zip(model.trainable_variables, before,
+                                                                             strict=True)]
+    assert max(moved) == pytest.approx(config.learning_rate, rel=0.05)

@@ -366,14 +366,18 @@ class BestCheckpoint(keras.callbacks.Callback):
 class AveragedWeights(keras.callbacks.SwapEMAWeights):
     """Validates and checkpoints the optimizer's moving average of the weights (Adam ``use_ema``).
 
-    Validation runs with the average swapped in (``SwapEMAWeights``); at the epoch end it is swapped in
-    again for the callbacks that follow (best checkpoint, images) until ``back_to_raw`` swaps it out,
+    Validation runs with the average swapped in (``SwapEMAWeights``), and it stays in through the epoch
+    end for the callbacks that follow (best checkpoint, images) until ``back_to_raw`` swaps it out,
     so the epoch backup holds the raw weights and the average in their own places and a resumed run
     continues exactly. ``fit`` ends by copying the average into the model (``final.keras``).
     """
 
     def __init__(self):
         super().__init__(swap_on_epoch=False)
+
+    def on_test_end(self, logs=None):
+        """Keeps the average in after validation: the epoch end, which follows, wants it there
+        (two swaps fewer per epoch, ~0.3 s for S on a 2-core CPU)."""
 
     def on_epoch_end(self, epoch, logs=None):
         if not self._ema_weights_in_model:

@@ -407,7 +407,6 @@ def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny
     assert "_unaugmented_train_step" not in model.__dict__ and model.output_shape == (None, None, None, 3)
 
 
-
 def test_the_optimizer_is_built_with_the_model(tiny_manifest, tmp_path):
     """Built before ``fit``, Adam's variables (moments, moving average) are not created while the first
     train step is traced, so that step is traced once; its first update is the usual Adam step."""

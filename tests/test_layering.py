@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hnseg_keras"
 BASE = ("hnseg_keras", "hnseg_keras.errors", "hnseg_keras.configs", "hnseg_keras.files", "hnseg_keras.progress",
         "hnseg_keras.render")
 DATA_READERS = ("hnseg_keras.data.organs", "hnseg_keras.data.slicing", "hnseg_keras.data.cases",
-                "hnseg_keras.data.layouts", "hnseg_keras.data.dicom", "hnseg_keras.data.splits")
+                "hnseg_keras.data.layouts", "hnseg_keras.data.dicom", "hnseg_keras.data.splits",
+                "hnseg_keras.data.orientation")
 # Module prefix -> prefixes it may import (besides BASE). The most specific prefix applies; the CLI
 # joins stages and may import anything. Nothing but the CLI imports training.
 ALLOWED: dict[str, tuple[str, ...]] = {

@@ -150,7 +150,8 @@ def test_cli_predicts_pddca_dataset_into_label_maps_and_masks(tmp_path, oracle_f
     code = main(["predict", str(tmp_path / "data"), "--model", str(oracle_file), "--out", str(out),
                  "--split", "test", "--pddca-masks", "--format", "nii.gz", "--preview"])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_a.seg.nrrd", "masks", "preview"]
+    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "case_a.qa.json", "case_a.seg.nrrd", "masks",
+                                                     "preview"]
     assert [p.name for p in (out / "preview").iterdir()] == ["case_a.png"]
     labels = sitk.ReadImage(str(out / "case_a.nii.gz"))
     assert labels.GetSize() == (SIZE, SIZE, DEPTH)
@@ -162,6 +163,24 @@ def test_cli_predicts_pddca_dataset_into_label_maps_and_masks(tmp_path, oracle_f
     assert sorted(p.name for p in structures.iterdir()) == sorted(f"{name}.nrrd" for name in ORGANS)
     brainstem = sitk.GetArrayFromImage(sitk.ReadImage(str(structures / "BrainStem.nrrd")))
     assert brainstem.dtype == np.uint8 and dice(brainstem, truth["BrainStem"]) >= 0.99
+
+
+def test_cli_writes_only_the_organs_asked_for(tmp_path, oracle_file, capsys):
+    case, truth = oracle_case("case_a")
+    write_pddca_case(case, tmp_path / "data" / "case_a")
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path / "data"), "--model", str(oracle_file), "--out", str(out),
+                 "--organs", "parotid left", "BrainStem", "--pddca-masks"]) == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_a.nrrd")))
+    assert set(np.unique(labels)) == {0, label_value("BrainStem"), label_value("Parotid_L")}
+    assert dice(labels == label_value("Parotid_L"), truth["Parotid_L"]) >= 0.99
+    structures = out / "masks" / "case_a" / "structures"
+    assert sorted(p.name for p in structures.iterdir()) == ["BrainStem.nrrd", "Parotid_L.nrrd"]
+    assert json.loads((out / "case_a.qa.json").read_text())["organs"] == ["BrainStem", "Parotid_L"]
+    assert main(["predict", str(tmp_path / "data"), "--model", str(oracle_file), "--out", str(tmp_path / "p2"),
+                 "--organs", "Mandible"]) == 2
+    assert "--organs Mandible: the model segments BrainStem, Parotid_L, Parotid_R" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()
 
 
 def test_cli_writes_rtstruct_for_dicom_series(tmp_path, oracle_file, capsys):

@@ -58,7 +58,8 @@ def test_nnunet_and_pddca_reports(tmp_path):
     report = scan(tmp_path / "nn")
     assert report["cases"]["HN_001"]["organs"]["Parotid_L"] == "PAROTID LT"
     assert report["cases"]["HN_002"] == {"layout": "nnunet", "size": [64, 64, report["cases"]["HN_002"]["size"][2]],
-                                         "spacing_mm": report["cases"]["HN_002"]["spacing_mm"], "organs": {},
+                                         "spacing_mm": report["cases"]["HN_002"]["spacing_mm"], "orientation": "LPS",
+                                         "organs": {},
                                          "unmatched": [], "problems": [], "split": "test"}
     write_phantom(tmp_path / "pd", 2, PhantomConfig(size=32, spacing_mm=8.0, slice_spacing_mm=(8.0, 8.0)),
                   splits=None, progress=False)

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hnseg_keras.data import checks as image_checks
+from hnseg_keras.data import orientation
 from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
 from hnseg_keras.data.splits import TEST, TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
@@ -37,10 +38,12 @@ DIRECTION_ATOL = 1e-4  # absolute tolerance on direction cosines
 
 @dataclass
 class Case:
-    """One CT volume with its organ masks, in the CT's own voxel grid.
+    """One CT volume with its organ masks on one voxel grid.
 
     Arrays are indexed ``[z, y, x]`` (SimpleITK's ``GetArrayFromImage`` order); geometry
-    tuples are in SimpleITK order ``(x, y, z)``, millimetres, LPS.
+    tuples are in SimpleITK order ``(x, y, z)``, millimetres, LPS. The readers return cases
+    brought to the LPS orientation (``orientation.canonical_case``); ``storage`` then says how the
+    input was stored, so outputs go back onto the user's own grid (``orientation.stored_case``).
 
     Attributes:
         case_id: identifier, e.g. the PDDCA folder name ``"0522c0001"``.
@@ -50,6 +53,7 @@ class Case:
         direction: 3x3 direction cosines, row-major, 9 floats.
         masks: canonical organ name -> uint8 {0, 1} array [Z, Y, X], for annotated organs only.
             An organ absent from this dict is *not annotated* (unknown), not empty.
+        storage: how the input was stored (``orientation.Storage``); None for a case built in memory.
     """
 
     case_id: str
@@ -58,6 +62,7 @@ class Case:
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    storage: orientation.Storage | None = None
 
     def annotated(self, organs: Sequence[str]) -> np.ndarray:
         """bool [len(organs)]: whether each organ is annotated in this case."""
@@ -90,8 +95,9 @@ def read_case(
     labels: Mapping[int | str, str] | str | os.PathLike | None = None,
     catalogue: Mapping | None = None,
     known_values: set[int] | None = None,
+    oblique: str = "refuse",
 ) -> Case:
-    """Read one case from a PDDCA folder, a DICOM series folder or an image file.
+    """Read one case from a PDDCA folder, a DICOM series folder or an image file, in LPS.
 
     Args:
         path: PDDCA case folder, DICOM CT series folder, or CT image file (.nrrd/.nii[.gz]/.mha).
@@ -102,8 +108,10 @@ def read_case(
             explicit map every listed organ counts as annotated (possibly empty).
         catalogue: organ catalogue (``organs.read_organs_file``); default the built-in one.
         known_values: every value the label map may hold (0 included); others are an error.
+        oblique: "refuse" or "resample" a CT whose axes are not a permutation of the patient axes.
     Returns:
-        Case with int16 HU CT and uint8 {0,1} masks for the annotated organs in ``organs``.
+        Case with int16 HU CT and uint8 {0,1} masks for the annotated organs in ``organs``, brought
+        to LPS (``orientation.canonical_case``).
     """
     path = Path(path)
     if not path.exists():
@@ -111,7 +119,7 @@ def read_case(
     if path.is_dir() and ((path / "img.nrrd").exists() or (path / "structures").is_dir()):
         if label_map is not None:
             raise HnsegError(f"{path}: a PDDCA case folder carries its own structures; drop the label map")
-        return _read_pddca(path, organs, catalogue)
+        return orientation.canonical_case(_read_pddca(path, organs, catalogue), oblique, str(path))
     if path.is_dir():
         ct_image = _read_dicom_series(path)
         case_id = path.name
@@ -121,7 +129,7 @@ def read_case(
     case = case_from_image(case_id, ct_image, path)
     if label_map is not None:
         case.masks = _read_label_map(Path(label_map), ct_image, organs, labels, catalogue, known_values)
-    return case
+    return orientation.canonical_case(case, oblique, str(path))
 
 
 def _read_pddca(folder: Path, organs: Sequence[str], catalogue: Mapping | None = None) -> Case:

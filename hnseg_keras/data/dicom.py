@@ -29,7 +29,12 @@ from hnseg_keras.errors import HnsegError
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 HEADER_TAGS = ("Modality", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesDescription", "PatientID",
                "StudyInstanceUID", "ImageType",
-               "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+               "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "PatientPosition")
+# Supine positions: the direction cosines place the anatomy, so orientation.canonical_case handles them.
+SUPINE_POSITIONS = ("HFS", "FFS")
+POSITION_NAMES = {"HFP": "head first, prone", "FFP": "feet first, prone", "HFDR": "head first, decubitus right",
+                  "HFDL": "head first, decubitus left", "FFDR": "feet first, decubitus right",
+                  "FFDL": "feet first, decubitus left"}
 ORIENTATION_ATOL = 1e-4
 POSITION_ATOL_MM = 0.05  # duplicate slices, in-plane drift of the slice origins
 SPACING_RTOL = 0.01  # spacing between neighbours may vary by 1 % of the median (or 0.01 mm)
@@ -53,11 +58,14 @@ class Series:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Checked geometry of a series: files sorted along the slice normal, size (x, y, z), spacing (x, y, z) mm."""
+    """Checked geometry of a series: files sorted along the slice normal, size (x, y, z), spacing (x, y, z) mm,
+    direction cosines (9, row-major: columns are the row, column and slice directions) and PatientPosition."""
 
     files: tuple[Path, ...]
     size: tuple[int, int, int]
     spacing: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    position: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,9 +234,14 @@ def check_geometry(series: Series, folder: Path) -> Geometry:
         raise HnsegError(f"{folder}: series {series.uid}: uneven slice spacing ({steps.min():.3f} to "
                          f"{steps.max():.3f} mm); resample it onto a regular grid first")
     first = headers[0]
+    position = str(first.get("PatientPosition", "") or "").strip().upper()
+    if position and position not in SUPINE_POSITIONS:
+        raise HnsegError(f"{folder}: PatientPosition {position} ({POSITION_NAMES.get(position, 'not supine')}) is "
+                         "not supported: the models are trained on supine CTs (HFS, FFS); segment a supine scan")
     spacing = (float(first.PixelSpacing[1]), float(first.PixelSpacing[0]), median)
     size = (int(first.Columns), int(first.Rows), len(headers))
-    return Geometry(tuple(series.files[i] for i in order), size, spacing)
+    direction = tuple(float(v) for v in np.stack([row, column, normal], axis=1).ravel())
+    return Geometry(tuple(series.files[i] for i in order), size, spacing, direction, position)
 
 
 # ----------------------------------------------------------------------------- reading

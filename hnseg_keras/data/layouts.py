@@ -20,7 +20,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from hnseg_keras.data import cases, dicom, nnunet
+from hnseg_keras.data import cases, dicom, nnunet, orientation
 from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.data.cases import Case, CaseRef
 from hnseg_keras.errors import HnsegError
@@ -30,22 +30,25 @@ LAYOUTS = ("pddca", "dicom", "nnunet", "image")
 
 @dataclass(frozen=True)
 class Reading:
-    """How to read cases: forced layout, chosen DICOM series, organ catalogue and the user's name map."""
+    """How to read cases: forced layout, chosen DICOM series, organ catalogue, the user's name map and
+    what to do with oblique image axes (``orientation.OBLIQUE_CHOICES``)."""
 
     layout: str | None = None
     series: str | None = None
     catalogue: Mapping = field(default_factory=lambda: dict(organ_catalogue.CATALOGUE))
     organ_map: Mapping = field(default_factory=dict)
+    oblique: str = "refuse"
 
     def to_job(self) -> dict:
         """A plain dict for worker processes."""
         return {"layout": self.layout, "series": self.series, "organ_map": dict(self.organ_map),
-                "definitions": organ_catalogue.definitions(list(self.catalogue), self.catalogue)}
+                "definitions": organ_catalogue.definitions(list(self.catalogue), self.catalogue),
+                "oblique": self.oblique}
 
     @classmethod
     def from_job(cls, data: dict) -> Reading:
         return cls(data["layout"], data["series"], organ_catalogue.catalogue_from(data["definitions"]),
-                   data["organ_map"])
+                   data["organ_map"], data.get("oblique", "refuse"))
 
 
 def add_arguments(parser: argparse.ArgumentParser, organ_options: bool = True) -> None:
@@ -53,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser, organ_options: bool = True) -
     parser.add_argument("--layout", choices=LAYOUTS, help="input layout (default: detected)")
     parser.add_argument("--series", metavar="UID", help="DICOM: the CT SeriesInstanceUID to read when a patient "
                         "folder holds several series and no RTSTRUCT")
+    parser.add_argument("--oblique", choices=orientation.OBLIQUE_CHOICES, default="refuse",
+                        help="a CT whose axes are tilted against the patient axes: refuse it (default) or resample "
+                             "it onto an axis-aligned grid (outputs are resampled back onto the CT's own grid)")
     if organ_options:
         parser.add_argument("--organ-map", metavar="FILE.json", help='local structure names: {"local name": '
                             '"Organ"} (null ignores a structure)')
@@ -67,7 +73,8 @@ def reading_from_args(args: argparse.Namespace, catalogue: Mapping | None = None
         catalogue = organ_catalogue.read_organs_file(organs_file) if organs_file else organ_catalogue.CATALOGUE
     organ_map = getattr(args, "organ_map", None)
     names = organ_catalogue.read_organ_map(organ_map, catalogue) if organ_map else {}
-    return Reading(getattr(args, "layout", None), getattr(args, "series", None), dict(catalogue), names)
+    return Reading(getattr(args, "layout", None), getattr(args, "series", None), dict(catalogue), names,
+                   getattr(args, "oblique", None) or "refuse")
 
 
 # ----------------------------------------------------------------------------- discovery
@@ -138,8 +145,10 @@ def describe(ref: CaseRef, reading: Reading = Reading(), label_values: bool = Tr
     info: dict = {"layout": ref.layout}
     if ref.layout == "dicom":
         patient = dicom.open_patient(ref.path, ref.series, ref.case_id)
-        info.update(size=list(patient.geometry.size), spacing_mm=_rounded(patient.geometry.spacing),
-                    series=patient.series.uid, organs={}, unmatched=[])
+        geometry = patient.geometry
+        info.update(size=list(geometry.size), spacing_mm=_rounded(geometry.spacing),
+                    orientation=_orientation(geometry.size, geometry.spacing, geometry.direction, reading, ref.path),
+                    patient_position=geometry.position or None, series=patient.series.uid, organs={}, unmatched=[])
         if patient.rtstruct is not None:
             ds = dicom.read_rtstruct_dataset(patient.rtstruct)
             matched, info["unmatched"] = dicom.match_rois(patient, ds, reading.catalogue, reading.organ_map)
@@ -149,8 +158,9 @@ def describe(ref: CaseRef, reading: Reading = Reading(), label_values: bool = Tr
     image_path = ref.path / "img.nrrd" if ref.layout == "pddca" else ref.path
     if not image_path.is_file():
         raise HnsegError(f"{ref.path}: case folder has no img.nrrd; add the CT as img.nrrd or remove the folder")
-    size, spacing = image_information(image_path)
-    info.update(size=size, spacing_mm=spacing, organs={}, unmatched=[])
+    size, spacing, direction = image_information(image_path)
+    info.update(size=size, spacing_mm=spacing, orientation=_orientation(size, spacing, direction, reading, image_path),
+                organs={}, unmatched=[])
     if ref.layout == "pddca":
         names = [cases._strip_suffix(p.name) for p in sorted((ref.path / "structures").glob("*"))
                  if p.is_file() and p.name.lower().endswith(cases.IMAGE_SUFFIXES)]
@@ -164,15 +174,24 @@ def describe(ref: CaseRef, reading: Reading = Reading(), label_values: bool = Tr
     return info
 
 
-def image_information(path: Path) -> tuple[list[int], list[float]]:
-    """(size, spacing) from an image file's header."""
+def image_information(path: Path) -> tuple[list[int], list[float], tuple[float, ...]]:
+    """(size, spacing, direction) from an image file's header."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
         raise HnsegError(f"{path}: unreadable image header; re-export or re-download it") from None
-    return list(reader.GetSize()), _rounded(reader.GetSpacing())
+    return list(reader.GetSize()), _rounded(reader.GetSpacing()), tuple(reader.GetDirection())
+
+
+def _orientation(size, spacing, direction, reading: Reading, where) -> str:
+    """The stored orientation ("RAS", ...); an oblique one is refused here unless ``reading`` resamples it."""
+    if len(size) != 3:
+        return "?"
+    storage = orientation.storage_of(tuple(reversed(size)), spacing, (0.0, 0.0, 0.0), direction, reading.oblique,
+                                     str(where))
+    return storage.code
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
@@ -182,9 +201,9 @@ def _rounded(values: Sequence[float]) -> list[float]:
 def read_ref(ref: CaseRef, organs: Sequence[str], reading: Reading = Reading()) -> Case:
     """The Case of ``ref`` with masks of the annotated organs among ``organs``."""
     if ref.layout == "pddca":
-        return cases.read_case(ref.path, organs, catalogue=reading.catalogue)
+        return cases.read_case(ref.path, organs, catalogue=reading.catalogue, oblique=reading.oblique)
     if ref.layout == "image":
-        case = cases.read_case(ref.path, ())
+        case = cases.read_case(ref.path, (), oblique=reading.oblique)
     elif ref.layout == "nnunet":
         case = _read_nnunet(ref, organs, reading)
     else:
@@ -195,19 +214,19 @@ def read_ref(ref: CaseRef, organs: Sequence[str], reading: Reading = Reading()) 
 
 def _read_nnunet(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
     if ref.label is None or not organs:
-        return cases.read_case(ref.path, ())
+        return cases.read_case(ref.path, (), oblique=reading.oblique)
     dataset = nnunet.read_dataset(ref.path.parent.parent)
     matched, _ = nnunet.match_labels(dataset, reading.catalogue, reading.organ_map)
     table = {value: organ for value, organ in nnunet.value_table(dataset, matched).items() if organ in organs}
     return cases.read_case(ref.path, organs, label_map=ref.label, labels=table, catalogue=reading.catalogue,
-                           known_values=set(dataset.labels.values()))
+                           known_values=set(dataset.labels.values()), oblique=reading.oblique)
 
 
 def _read_dicom(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
     patient = dicom.open_patient(ref.path, ref.series, ref.case_id)
     case = cases.case_from_image(ref.case_id, dicom.read_ct(patient), ref.path)
     if patient.rtstruct is None or not organs:
-        return case
+        return orientation.canonical_case(case, reading.oblique, str(ref.path))
     ds = dicom.read_rtstruct_dataset(patient.rtstruct)
     matched, _ = dicom.match_rois(patient, ds, reading.catalogue, reading.organ_map)
     matched = {organ: name for organ, name in matched.items() if organ in organs}
@@ -218,5 +237,5 @@ def _read_dicom(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
             raise HnsegError(f"{patient.rtstruct}: {organ} mask shape {mask.shape} differs from the CT's "
                              f"{case.ct.shape}")
     case.masks = {organ: masks[organ] for organ in organs if organ in masks}
-    return case
+    return orientation.canonical_case(case, reading.oblique, str(ref.path))
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from hnseg_keras import configs
-from hnseg_keras.data import layouts, splits
+from hnseg_keras.data import layouts, orientation, splits
 from hnseg_keras.data import organs as organ_catalogue
 from hnseg_keras.data.cases import CaseRef
 from hnseg_keras.data.organs import DEFAULT_ORGANS, resolve_organs
@@ -134,8 +134,12 @@ def convert_case(job: dict) -> tuple[dict, float]:
                 stats[name]["annotated_slices"] += int(example["annotated"][o])
                 stats[name]["foreground_slices"] += int(pixels[o] > 0)
                 stats[name]["foreground_pixels"] += int(pixels[o])
+    voxel_ml = float(np.prod(case.spacing)) / 1000.0
+    volumes = {name: round(float(np.count_nonzero(case.masks[name])) * voxel_ml, 3) for name in organs
+               if name in case.masks and case.masks[name].any()}
     record = CaseRecord(job["case_id"], job["split"], count, writer.finished, transform.to_dict(),
-                        case.annotated(organs).astype(int).tolist(), stats, histogram.tolist())
+                        case.annotated(organs).astype(int).tolist(), stats, histogram.tolist(), volumes,
+                        case.storage.code if case.storage is not None else "")
     configs.write_json_atomic(out / "cases" / f"{safe_name(job['case_id'])}.json", record.to_dict())
     return record.to_dict(), time.perf_counter() - start
 
@@ -146,8 +150,10 @@ def _identity(source: str, config: PrepareConfig, split_file: str | None, phanto
     split_sha = None
     if split_file is not None:
         split_sha = sha256_file(split_file)
-    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom,
-            "reading": {"layout": reading.layout, "series": reading.series, "organ_map": dict(reading.organ_map)}}
+    read = {"layout": reading.layout, "series": reading.series, "organ_map": dict(reading.organ_map)}
+    if reading.oblique != "refuse":  # only when set: folders prepared before the option stay resumable
+        read["oblique"] = reading.oblique
+    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom, "reading": read}
 
 
 def _check_output(out: Path, source: str, identity: dict):
@@ -276,7 +282,7 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
     slicing = config.slicing
     base = Manifest(organs=list(config.organs), slicing=configs.to_dict(slicing),
                     image_shape=[slicing.size, slicing.size, 2 * slicing.neighbours + 1],
-                    source=source_text, prepare=identity,
+                    source=source_text, prepare=identity, orientation=orientation.CANONICAL,
                     organ_definitions=organ_catalogue.definitions(config.organs, config.catalogue()))
     created = not out.exists()
     try:
@@ -301,7 +307,7 @@ def _convert_all(out: Path, refs: list, config: PrepareConfig, assignment: dict[
     """Skip verified cases, convert the others (progress line each), keep the manifest current."""
     done = _resume_state(out, assignment)
     fields = {key: getattr(base, key) for key in ("organs", "slicing", "image_shape", "source", "prepare",
-                                                  "organ_definitions", "split_rule")}
+                                                  "organ_definitions", "split_rule", "orientation")}
     Manifest.from_records(list(done.values()), **fields).save(out / "manifest.json")
     jobs = [{"case_id": ref.case_id, "path": str(ref.path), "split": assignment[ref.case_id], "out": str(out),
              "layout": ref.layout, "label": str(ref.label) if ref.label else None, "series": ref.series,
@@ -320,6 +326,12 @@ def _convert_all(out: Path, refs: list, config: PrepareConfig, assignment: dict[
     progress.finish(f"shards and manifest.json in {out}")
     manifest = Manifest.from_records(list(done.values()), complete=True, **fields)
     manifest.save(out / "manifest.json")
+    native = manifest.training_geometry()["native_spacing_mm"]
+    if native is not None:
+        print(f"prepare: slices keep each CT's own in-plane spacing (--spacing none): {native['min']:g} to "
+              f"{native['max']:g} mm over {native['cases']} train case(s), median {native['median']:g} mm. A model "
+              f"trained on them resamples a CT outside that range to {native['median']:g} mm when it predicts; "
+              "--spacing MM trains on one fixed grid instead", file=sys.stderr)
     return manifest
 
 

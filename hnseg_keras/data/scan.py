@@ -19,7 +19,10 @@ from hnseg_keras.files import refuse_existing, write_json_atomic
 
 
 def scan(root: str | Path, reading: layouts.Reading | None = None) -> dict:
-    """``{"cases": {case id: {"layout", "size", "spacing_mm", "organs", "unmatched", "problems"}}}``."""
+    """``{"cases": {case id: {"layout", "size", "spacing_mm", "orientation", "organs", "unmatched", "problems"}}}``.
+
+    ``orientation`` is how the CT is stored ("LPS", "RAS", ...); every command reads it into LPS.
+    """
     reading = reading or layouts.Reading()
     refs = layouts.find_refs(root, reading)
     report: dict = {"cases": {}}
@@ -38,12 +41,13 @@ def scan(root: str | Path, reading: layouts.Reading | None = None) -> dict:
 
 def format_table(report: dict) -> str:
     """One line per case, then its unmatched names and problems indented below it."""
-    lines = [f"{'case':<20} {'layout':<7} {'size':<14} {'spacing mm':<20} organs (from)"]
+    lines = [f"{'case':<20} {'layout':<7} {'size':<14} {'spacing mm':<20} {'stored':<7} organs (from)"]
     for case_id, entry in report["cases"].items():
         size = "x".join(str(v) for v in entry.get("size", [])) or "-"
         spacing = "x".join(f"{v:g}" for v in entry.get("spacing_mm", [])) or "-"
         organs = ", ".join(f"{organ} ({name})" for organ, name in entry["organs"].items()) or "none"
-        lines.append(f"{case_id:<20} {entry['layout']:<7} {size:<14} {spacing:<20} {organs}")
+        stored = entry.get("orientation") or "-"
+        lines.append(f"{case_id:<20} {entry['layout']:<7} {size:<14} {spacing:<20} {stored:<7} {organs}")
         if entry["unmatched"]:
             lines.append(f"{'':<20} unmatched: {', '.join(entry['unmatched'])}")
         lines += [f"{'':<20} PROBLEM: {problem}" for problem in entry["problems"]]

@@ -188,6 +188,8 @@ class CaseRecord:
 
     organ_stats: organ -> {annotated_slices, foreground_slices, foreground_pixels} on the slice grid.
     histogram: HU counts (`hu_histogram`) of the centre channel of the case's slices.
+    volumes_ml: organ -> volume in mL on the case's own grid (annotated organs; plausible ranges for QA).
+    stored: how the input CT was stored ("RAS", ...) before it was read into LPS.
     """
 
     case_id: str
@@ -198,6 +200,8 @@ class CaseRecord:
     annotated: list[int]
     organ_stats: dict[str, dict[str, int]]
     histogram: list[int]
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    stored: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -260,6 +264,7 @@ class Manifest:
     complete: bool = False
     schema_version: int = SCHEMA_VERSION
     organ_definitions: dict | None = None  # optional, copied through to runs and exports uninterpreted
+    orientation: str | None = None  # the orientation slices were cut in ("LPS"); None: as stored (older data)
 
     def __post_init__(self):
         if isinstance(self.slicing, dict):
@@ -273,7 +278,8 @@ class Manifest:
                   for split in SPLITS + tuple(sorted({r.split for r in records} - set(SPLITS)))}
         cases = {
             record.case_id: {"split": record.split, "slices": record.slices,
-                             "shards": [info.file for info in record.shards], "transform": record.transform}
+                             "shards": [info.file for info in record.shards], "transform": record.transform,
+                             "volumes_ml": record.volumes_ml, "stored": record.stored}
             for record in records
         }
         counts = np.zeros(HIST_BINS, dtype=np.int64)
@@ -304,6 +310,27 @@ class Manifest:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + rename)."""
         configs.write_json_atomic(path, configs.to_dict(self))
+
+    def training_geometry(self) -> dict:
+        """What a model trained on this data must know about its grid (``model_io.data_description``).
+
+        ``native_spacing_mm`` (median / min / max of the train cases' in-plane spacing) is set when the
+        slices keep each CT's own spacing; ``organ_volumes_ml`` is each organ's [min, max] over the
+        train cases that carry it (prediction's volume check).
+        """
+        train = [entry for entry in self.cases.values() if entry.get("split") == TRAIN]
+        native = None
+        if self.slicing.spacing_mm is None and train:
+            spacings = [float(np.mean(entry["transform"]["original_spacing"][:2])) for entry in train]
+            native = {"median": round(float(np.median(spacings)), 4), "min": round(min(spacings), 4),
+                      "max": round(max(spacings), 4), "cases": len(spacings)}
+        volumes: dict[str, list[float]] = {}
+        for entry in train:
+            for organ, volume in (entry.get("volumes_ml") or {}).items():
+                volumes.setdefault(organ, []).append(float(volume))
+        return {"orientation": self.orientation, "spacing_mm": self.slicing.spacing_mm, "native_spacing_mm": native,
+                "organ_volumes_ml": {organ: [round(min(v), 3), round(max(v), 3)] for organ, v in volumes.items()
+                                     if organ in self.organs}}
 
     def shards(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:

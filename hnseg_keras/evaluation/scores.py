@@ -212,10 +212,14 @@ def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
 
 
 def _read_on_grid(path: Path, case) -> np.ndarray:
-    """Array [Z, Y, X] of an image file after checking it lies on the ground-truth CT grid."""
+    """Array [Z, Y, X] of an image file in LPS, after checking it lies on the ground-truth CT's (LPS) grid.
+
+    Both sides are compared in LPS (``orientation``), so a prediction stored RAS is scored against a
+    ground truth stored LPS voxel for voxel, as long as both cover the same physical grid.
+    """
     import SimpleITK as sitk
 
-    from hnseg_keras.data import cases
+    from hnseg_keras.data import cases, orientation
 
     try:
         image = sitk.ReadImage(str(path))
@@ -224,17 +228,18 @@ def _read_on_grid(path: Path, case) -> np.ndarray:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise HnsegError(f"{path}: prediction must be a scalar 3D image (got {image.GetDimension()}D, "
                          f"{image.GetNumberOfComponentsPerPixel()} components)")
+    resampled = case.storage is not None and case.storage.resampled
+    array, storage = orientation.canonical_image(image, "resample" if resampled else "refuse", str(path))
     checks = (
-        ("size", image.GetSize(), tuple(reversed(case.ct.shape)), dict(rtol=0.0, atol=0.0)),
-        ("spacing", image.GetSpacing(), case.spacing, dict(rtol=cases.SPACING_RTOL, atol=0.0)),
-        ("origin", image.GetOrigin(), case.origin, dict(rtol=0.0, atol=cases.ORIGIN_ATOL_MM)),
-        ("direction", image.GetDirection(), case.direction, dict(rtol=0.0, atol=cases.DIRECTION_ATOL)),
+        ("size", storage.canonical_size, tuple(reversed(case.ct.shape)), dict(rtol=0.0, atol=0.0)),
+        ("spacing", storage.canonical_spacing, case.spacing, dict(rtol=cases.SPACING_RTOL, atol=0.0)),
+        ("origin", storage.canonical_origin, case.origin, dict(rtol=0.0, atol=cases.ORIGIN_ATOL_MM)),
+        ("direction", storage.canonical_direction, case.direction, dict(rtol=0.0, atol=cases.DIRECTION_ATOL)),
     )
     for what, got, want, tolerance in checks:
         if not np.allclose(got, want, **tolerance):
             raise HnsegError(f"{path}: {what} {tuple(round(v, 4) for v in got)} differs from the ground truth's "
                              f"{tuple(round(v, 4) for v in want)} (case {case.case_id}); predict on the CT's own grid")
-    array = sitk.GetArrayFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
         raise HnsegError(f"{path}: holds non-integer values; save masks / label maps with integer labels")
     return array

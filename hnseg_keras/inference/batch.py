@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from hnseg_keras.data import layouts
+from hnseg_keras import configs
+from hnseg_keras.data import layouts, orientation
 from hnseg_keras.data.cases import Case, write_label_map, write_pddca_case
 from hnseg_keras.data.organs import colour_of
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import atomic_path, owned_by_live_process, refuse_existing, replace_folder, temp_name
-from hnseg_keras.inference import slicer, visual
+from hnseg_keras.inference import qa, slicer, visual
 from hnseg_keras.inference.prediction import (
     FORMATS,
     CaseInput,
@@ -65,8 +66,11 @@ def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, forc
 
 
 def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
-                       dicom_series: Path | None = None) -> list[Path]:
-    """Write the label map, PDDCA masks and RTSTRUCT named in ``paths`` (see `output_paths`), all or none.
+                       dicom_series: Path | None = None, qa_record: dict | None = None) -> list[Path]:
+    """Write the label map, PDDCA masks, RTSTRUCT and QA record named in ``paths`` (`output_paths`), all or none.
+
+    ``seg`` and ``case`` are in LPS; every file but the preview is written on the input's own grid and
+    storage (``case.storage``), voxel for voxel.
 
     Everything is written into a per-process staging folder beside the outputs, then renamed into
     place with the label map last: a failure leaves nothing, and an existing label map means its
@@ -80,11 +84,14 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
     stage = temp_name(out_dir / f"{case.case_id}-outputs")
     try:
         staged = {key: stage / path.relative_to(out_dir) for key, path in paths.items()}
+        if "preview" in paths:
+            visual.write_case_preview(case, seg, staged["preview"])
+        seg, case = on_own_grid(seg, case)
         labels = seg.label_map()
         write_label_map(labels, case, staged["label_map"])
         slicer.write_segmentation(labels, seg.organs, case, staged["slicer"], catalogue=seg.catalogue)
-        if "preview" in paths:
-            visual.write_case_preview(case, seg, staged["preview"])
+        if "qa" in paths:
+            configs.write_json_atomic(staged["qa"], qa_record or {})
         if "masks" in paths:
             write_structures(seg, case, staged["masks"])
         if "rtstruct" in paths and dicom_series is not None:
@@ -98,6 +105,16 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
     return [path for path in paths.values() if path.exists()]
 
 
+def on_own_grid(seg: Segmentation, case: Case) -> tuple[Segmentation, Case]:
+    """An LPS segmentation and case moved back onto the input's storage (views where no resampling is needed)."""
+    storage = case.storage
+    if storage is None or storage.is_canonical:
+        return seg, case
+    moved = dataclasses.replace(seg, masks=storage.to_storage(seg.masks).astype(bool, copy=False),
+                                winner=storage.to_storage(seg.winner))
+    return moved, orientation.stored_case(case)
+
+
 def remove_dead_staging(out_dir: Path) -> None:
     """Delete staging folders of killed predict runs (never those of a live process)."""
     for stage in out_dir.glob(".*-outputs.*.tmp") if out_dir.is_dir() else ():
@@ -107,12 +124,13 @@ def remove_dead_staging(out_dir: Path) -> None:
 
 def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, args) -> list[tuple[str, str]]:
     """Predict and write each case; failures as (case id, reason) with --continue-on-error, else raised."""
-    total_seconds, total_slices, failures = 0.0, 0, []
+    total_seconds, total_slices, failures, flagged = 0.0, 0, [], []
     progress = Progress("predict", len(items))
     for number, item in enumerate(items, 1):
         started = time.perf_counter()
         try:
-            seg, written = predict_one(item, predictor, out_dir, args, f"[{number}/{len(items)}] {item.case_id}")
+            seg, record, written = predict_one(item, predictor, out_dir, args,
+                                               f"[{number}/{len(items)}] {item.case_id}")
         except Exception as error:  # noqa: BLE001  (any failure of one case is reported by case)
             if not args.continue_on_error:
                 raise case_error(item, error) from None
@@ -121,21 +139,66 @@ def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, arg
             continue
         seconds = time.perf_counter() - started
         total_seconds, total_slices = total_seconds + seconds, total_slices + seg.slices
+        checks = record["summary"]
+        if checks["failed"]:
+            flagged.append((item.case_id, checks["failures"]))
+        notes = [f"stored {record['stored_orientation']}", *([seg.grid_note] if seg.grid_note else []),
+                 f"QA {'FAILED ' + '; '.join(checks['failures']) if checks['failed'] else 'passed'}"]
         progress.step(item.case_id, f"{seg.slices} slices, {seconds:.1f} s ({seg.slices / max(seg.seconds, 1e-9):.1f} "
-                      f"slices/s segmentation) -> {', '.join(str(p) for p in written)}")
+                      f"slices/s segmentation), {', '.join(notes)} -> {', '.join(str(p) for p in written)}")
     done = len(items) - len(failures)
     progress.finish(f"{total_seconds / max(done, 1):.2f} s per case, {total_slices / max(total_seconds, 1e-9):.1f} "
-                    f"slices/s overall; label maps, Slicer .seg.nrrd files{' and previews' if args.preview else ''} "
-                    f"in {out_dir}" + (f"; {len(failures)} failed" if failures else ""))
+                    f"slices/s overall; label maps, Slicer .seg.nrrd files, QA records"
+                    f"{' and previews' if args.preview else ''} in {out_dir}"
+                    + (f"; {len(failures)} failed" if failures else ""))
+    report_qa(flagged, done)
+    if getattr(args, "strict_qa", False):
+        failures += [(case_id, f"anatomical check failed (--strict-qa): {'; '.join(texts)}")
+                     for case_id, texts in flagged]
     return failures
 
 
+def report_qa(flagged: list[tuple[str, list[str]]], done: int) -> None:
+    """The closing QA line: every case with a failed anatomical check, never silence."""
+    if not flagged:
+        print(f"predict: QA passed on all {done} case(s) (left/right side, volume, empty, pieces)", file=sys.stderr)
+        return
+    print(f"predict: warning: QA failed on {len(flagged)} of {done} case(s); check these contours before use "
+          "(details in <case>.qa.json):", file=sys.stderr)
+    for case_id, texts in flagged:
+        print(f"  {case_id}: {'; '.join(texts)}", file=sys.stderr)
+
+
 def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, label: str):
-    case = layouts.read_ref(item.ref, ())
+    """Read one case into LPS, segment it, check it, write its outputs: (Segmentation, QA record, paths)."""
+    case = layouts.read_ref(item.ref, (), layouts.reading_from_args(args))
     seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
                        progress=_progress_bar(label))
+    if getattr(args, "organs", None):
+        seg = seg.subset(args.organs)
+    record = qa_record(seg, case, predictor)
     paths = output_paths(out_dir, item, args.format, args.pddca_masks, args.preview)
-    return seg, write_segmentation(seg, case, paths, args.force, item.series_files)
+    return seg, record, write_segmentation(seg, case, paths, args.force, item.series_files, record)
+
+
+def qa_record(seg: Segmentation, case: Case, predictor: Predictor) -> dict:
+    """What ``<case>.qa.json`` holds: the input's storage, what was done to its grid, the anatomical checks."""
+    geometry = predictor.training_geometry or {}
+    findings = qa.check_case(seg.mask_dict(), case.spacing, case.origin, case.direction, case.ct,
+                             geometry.get("organ_volumes_ml"), seg.catalogue)
+    storage = case.storage
+    return {
+        "case_id": case.case_id,
+        "stored_orientation": storage.code if storage is not None else orientation.CANONICAL,
+        "model_orientation": geometry.get("orientation") or orientation.CANONICAL,
+        "oblique_resampled": bool(storage is not None and storage.resampled),
+        "in_plane_spacing_mm": [round(float(v), 4) for v in case.spacing[:2]],
+        "model_spacing_mm": predictor.slicing.spacing_mm,
+        "grid_note": seg.grid_note,
+        "organs": list(seg.organs),
+        "checks": findings,
+        "summary": qa.summarise(findings),
+    }
 
 
 def case_error(item: CaseInput, error: BaseException) -> HnsegError:

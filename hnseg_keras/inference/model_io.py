@@ -74,10 +74,13 @@ def size_multiple_of(model) -> int:
 
 
 def data_description(organs, slicing, image_shape, normalisation: dict, manifest: str | None,
-                     manifest_sha256: str | None, organ_definitions: dict | None = None) -> dict:
+                     manifest_sha256: str | None, organ_definitions: dict | None = None,
+                     training_geometry: dict | None = None) -> dict:
     """The content of a run's ``data.json``; ``manifest`` is the data folder's name, never a path.
 
     ``organ_definitions`` is copied through as the manifest holds it (None when it has none).
+    ``training_geometry`` (``Manifest.training_geometry``: orientation, fixed or native in-plane
+    spacing, organ volume ranges) lets prediction bring each CT to the grid the model learned on.
     """
     if isinstance(slicing, SlicingConfig):
         slicing = configs.to_dict(slicing)
@@ -86,7 +89,7 @@ def data_description(organs, slicing, image_shape, normalisation: dict, manifest
     return {"organs": list(organs), "organ_definitions": organ_definitions, "slicing": dict(slicing),
             "image_shape": [int(v) for v in image_shape],
             "normalisation": {key: normalisation[key] for key in ("window", "hu_mean", "hu_std")},
-            "manifest": manifest, "manifest_sha256": manifest_sha256}
+            "manifest": manifest, "manifest_sha256": manifest_sha256, "training_geometry": training_geometry}
 
 
 def read_data_description(run_dir: str | os.PathLike) -> dict:
@@ -116,6 +119,7 @@ def model_metadata(data: dict, model_config: dict | None) -> dict:
                   "dtypes": ["float32", "int16"], "units": "HU", "pad_hu": AIR_HU},
         "manifest": data.get("manifest"),
         "manifest_sha256": data.get("manifest_sha256"),
+        "training_geometry": data.get("training_geometry"),  # None: a model from before it was recorded
         "model_config": model_config,
     }
 

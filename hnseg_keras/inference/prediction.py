@@ -1,6 +1,7 @@
 """``hnseg predict``: CT volumes -> organ contours on each CT's own voxel grid.
 
-Per case: the slice grid of training (``slicing.compute_transform`` on the CT alone), every z
+Per case (read in LPS, ``data.orientation``): the slice grid of training (``slicing.compute_transform``
+on the CT alone, at the in-plane spacing the model was trained on: ``Predictor.slicing_for``), every z
 slice extracted and run through the model in batches, the per-organ probabilities mapped back onto
 the original grid (linear interpolation, then ``>= 0.5``) a few slices at a time. Memory stays
 bounded: the volume is held once as int16 CT, once as one bool mask per organ and once as a uint8
@@ -13,8 +14,10 @@ first remaining organ in channel order wins. Per-organ masks (``--pddca-masks``)
 Outputs in ``--out``: ``<case>.nrrd`` (or ``.nii.gz``) label map with catalogue label values,
 ``masks/<case>/structures/<Organ>.nrrd`` (``--pddca-masks``; a separate folder so ``hnseg
 evaluate`` sees one prediction per case), ``<case>_rtstruct.dcm`` for a DICOM series input,
-``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``) and,
-with ``--preview``, ``preview/<case>.png`` (``visual.py``).
+``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``),
+``<case>.qa.json`` (stored orientation, grid changes and the anatomical checks of ``qa.py``) and,
+with ``--preview``, ``preview/<case>.png`` (``visual.py``, drawn in LPS: the patient's left on the
+picture's right, anterior up). Every file but the preview lies on the input's own grid and storage.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from hnseg_keras.files import FolderLock
 from hnseg_keras.inference import slicer, trust
 
 THRESHOLD = 0.5
+SPACING_SLACK = 0.02  # relative: a CT this close to the training spacing (or its range) is not resampled
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
 FORMATS = ("nrrd", "nii.gz")
 
@@ -67,6 +71,8 @@ class Predictor:
         source: where the model came from (for messages).
         run_batch: int16 HU [N, size, size, C] -> float32 probabilities [N, size, size, O].
         catalogue: organ definitions the model was trained with (label values, colours); None = built-in.
+        training_geometry: what the model knows of its training grid (``Manifest.training_geometry``:
+            orientation, fixed or native in-plane spacing, organ volume ranges); None for older models.
     """
 
     organs: tuple[str, ...]
@@ -75,6 +81,35 @@ class Predictor:
     source: str
     run_batch: Callable[[np.ndarray], np.ndarray]
     catalogue: Mapping | None = None
+    training_geometry: Mapping | None = None
+
+    def slicing_for(self, spacing: Sequence[float]) -> tuple[SlicingConfig, str]:
+        """The slicing for a CT of in-plane ``spacing`` (x, y mm), and a note saying how its grid was changed.
+
+        A model trained at a fixed spacing resamples every CT to it. A model trained on each CT's own
+        spacing keeps a CT whose spacing lies within its training range, and resamples any other to the
+        training median: at 1 mm a parotid is four times wider in pixels than on 4 mm training slices.
+        """
+        sx, sy = float(spacing[0]), float(spacing[1])
+        fixed = self.slicing.spacing_mm
+        if fixed is not None:
+            if max(abs(sx - fixed), abs(sy - fixed)) <= SPACING_SLACK * fixed:
+                return self.slicing, ""
+            return self.slicing, f"in-plane {sx:.3g} x {sy:.3g} mm resampled to the model's {fixed:g} mm"
+        native = (self.training_geometry or {}).get("native_spacing_mm")
+        if not native:
+            return self.slicing, ""
+        low, high = native["min"] * (1 - SPACING_SLACK), native["max"] * (1 + SPACING_SLACK)
+        if low <= sx <= high and low <= sy <= high:
+            return self.slicing, ""
+        median = float(native["median"])
+        return (dataclasses.replace(self.slicing, spacing_mm=median),
+                f"in-plane {sx:.3g} x {sy:.3g} mm is outside the training range {native['min']:g}-{native['max']:g} "
+                f"mm: resampled to the training median {median:g} mm")
+
+    def spacing_unknown(self) -> bool:
+        """A model trained on native spacings that does not record them (made before they were recorded)."""
+        return self.slicing.spacing_mm is None and not (self.training_geometry or {}).get("native_spacing_mm")
 
     def predict_slices(self, slices: np.ndarray, batch_size: int) -> np.ndarray:
         """Probabilities for int16 [N, H, W, C] slices; the last batch is padded so one shape is traced."""
@@ -162,7 +197,8 @@ def _keras_predictor(path: Path, metadata: dict) -> Predictor:
     model = load_keras_model(path)
     trust.check_signature(model.input_shape, model.output_shape, metadata, str(path))
     predictor = Predictor.from_keras_model(model, organs, slicing, str(path), size_multiple_of(model))
-    return dataclasses.replace(predictor, catalogue=catalogue_from(metadata.get("organ_definitions")))
+    return dataclasses.replace(predictor, catalogue=catalogue_from(metadata.get("organ_definitions")),
+                               training_geometry=metadata.get("training_geometry"))
 
 
 def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
@@ -182,7 +218,8 @@ def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
     def run_batch(batch, _keep_alive=loaded):
         return signature(ct=tf.constant(batch))["probabilities"].numpy()
 
-    return Predictor(organs, slicing, channels, str(folder), run_batch, catalogue_from(metadata.get("organ_definitions")))
+    return Predictor(organs, slicing, channels, str(folder), run_batch, catalogue_from(metadata.get("organ_definitions")),
+                     metadata.get("training_geometry"))
 
 
 # ----------------------------------------------------------------------------- one case
@@ -196,6 +233,7 @@ class Segmentation:
         masks: bool [O, Z, Y, X], one mask per organ (channel order of ``organs``).
         winner: uint8 [Z, Y, X], channel of the most probable organ (meaningful where a mask is set).
         seconds: wall time of slicing, inference and mapping back; slices: number of z slices.
+        grid_note: how the CT's in-plane grid was changed for the model ("" when it was not).
     """
 
     case_id: str
@@ -205,6 +243,15 @@ class Segmentation:
     seconds: float
     slices: int
     catalogue: Mapping | None = None
+    grid_note: str = ""
+
+    def subset(self, organs: Sequence[str]) -> Segmentation:
+        """Only ``organs`` (in the model's channel order); a voxel won by a dropped organ goes to a kept one."""
+        keep = [o for o, name in enumerate(self.organs) if name in set(organs)]
+        lookup = np.full(256, 255, dtype=np.uint8)
+        lookup[keep] = np.arange(len(keep), dtype=np.uint8)
+        return dataclasses.replace(self, organs=tuple(self.organs[o] for o in keep), masks=self.masks[keep],
+                                   winner=lookup[self.winner])
 
     def mask_dict(self) -> dict[str, np.ndarray]:
         """{organ: uint8 {0,1} [Z, Y, X]} (zero-copy views of ``masks``)."""
@@ -234,14 +281,15 @@ def segment_case(case: Case, predictor: Predictor, batch_size: int = 8, tta_flip
         raise HnsegError(f"case {case.case_id}: CT must be 3D [Z, Y, X], got shape {ct.shape}")
     if batch_size < 1:
         raise HnsegError(f"--batch-size {batch_size}: must be >= 1")
-    transform = compute_transform(case, predictor.slicing)
+    slicing, grid_note = predictor.slicing_for(case.spacing)
+    transform = compute_transform(case, slicing)
     depth, height, width = ct.shape
     masks = np.zeros((len(predictor.organs), depth, height, width), dtype=bool)
     winner = np.zeros((depth, height, width), dtype=np.uint8)
     permutation = flip_permutation(predictor.organs, predictor.catalogue)
     for start in range(0, depth, batch_size):
         stop = min(start + batch_size, depth)
-        slices = extract_slices(ct, transform, predictor.slicing.neighbours, np.arange(start, stop))
+        slices = extract_slices(ct, transform, slicing.neighbours, np.arange(start, stop))
         probs = predictor.predict_slices(slices, batch_size)
         if tta_flip:
             mirrored = predictor.predict_slices(slices[:, :, ::-1], batch_size)[:, :, ::-1]
@@ -255,7 +303,7 @@ def segment_case(case: Case, predictor: Predictor, batch_size: int = 8, tta_flip
         for organ_mask in masks:
             keep_largest_component(organ_mask)
     return Segmentation(case.case_id, predictor.organs, masks, winner, time.perf_counter() - started, depth,
-                        predictor.catalogue)
+                        predictor.catalogue, grid_note)
 
 
 def _to_grid(probs: np.ndarray, transform, masks: np.ndarray, winner: np.ndarray, z0: int) -> None:
@@ -337,7 +385,8 @@ def find_inputs(path: str | os.PathLike, split: str | None = None,
 def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
                  preview: bool = False) -> dict[str, Path]:
     """The files one case will produce."""
-    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}"}
+    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}",
+             "qa": out_dir / f"{item.case_id}.qa.json"}
     if preview:
         paths["preview"] = out_dir / "preview" / f"{item.case_id}.png"
     if pddca_masks:
@@ -371,6 +420,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="go on past a case that fails; list the failures at the end (exit status 1)")
     layouts.add_arguments(parser, organ_options=False)
     parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
+    parser.add_argument("--organs", nargs="+", metavar="ORGAN",
+                        help="write only these organs (default: every organ the model segments)")
+    parser.add_argument("--roi-names", choices=("catalogue", "tg263"), default="catalogue",
+                        help="RTSTRUCT ROI names: the catalogue's (Parotid_L) or TG-263 (Parotid_L, Glnd_Submand_L, "
+                             "Bone_Mandible, ...)")
+    parser.add_argument("--strict-qa", action="store_true",
+                        help="a case that fails an anatomical check (left/right side, volume, empty organ, many "
+                             "pieces) counts as failed (exit status 1); its outputs and qa.json are still written")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -390,6 +447,12 @@ def run(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     predictor = load_predictor(args.model, saved_model=args.saved_model)
+    if args.organs:
+        args.organs = chosen_organs(args.organs, predictor)
+    if predictor.spacing_unknown():
+        print(f"hnseg predict: warning: {predictor.source} was trained on each CT's own in-plane spacing but does "
+              "not record which (made before this was recorded); CTs are segmented at their own spacing, which is "
+              "right only near the training data's. Retrain, or re-export the run, to record it", file=sys.stderr)
     with FolderLock(out_dir, "hnseg predict"):
         batch.remove_dead_staging(out_dir)
         failures = batch.predict_all(todo, predictor, out_dir, args)
@@ -399,6 +462,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {case_id}: {reason}", file=sys.stderr)
         return 1
     return 0
+
+
+def chosen_organs(names: Sequence[str], predictor: Predictor) -> list[str]:
+    """``--organs`` as the model's canonical names; a name it does not segment is refused in one line."""
+    from hnseg_keras.data.organs import canonical_name
+
+    chosen = []
+    for name in names:
+        organ = canonical_name(name, predictor.catalogue)
+        if organ not in predictor.organs:
+            raise HnsegError(f"--organs {name}: the model segments {', '.join(predictor.organs)}; choose among them")
+        chosen.append(organ)
+    return chosen
 
 
 def _progress_bar(label: str) -> Callable[[int, int], None] | None:

@@ -226,7 +226,8 @@ def export_split(manifest_path: str | os.PathLike, split: str, out: str | os.Pat
                            {"split": split, "hu_mean": hu_mean, "hu_std": hu_std,
                             "manifest": manifest_path.resolve().parent.name,
                             "manifest_sha256": sha256_file(manifest_path),
-                            "organ_definitions": manifest.organ_definitions})
+                            "organ_definitions": manifest.organ_definitions,
+                            "training_geometry": manifest.training_geometry()})
     return (arrays if neighbours is None else arrays.neighbours(neighbours)).save(out)
 
 

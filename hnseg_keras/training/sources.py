@@ -48,6 +48,7 @@ class ShardData:
         self.slicing = configs.to_dict(self.manifest.slicing)
         self.image_shape = tuple(int(v) for v in self.manifest.image_shape)
         self.organ_definitions = self.manifest.organ_definitions
+        self.training_geometry = self.manifest.training_geometry()
         self.name, self.sha256 = self.path.resolve().parent.name, sha256_file(self.path)
 
     def slices(self, split: str) -> int:
@@ -119,6 +120,7 @@ class ArrayData:
         self.slicing = dict(meta["slicing"])
         self.image_shape = (*self.arrays.planes.shape[1:], int(self.arrays.channels.shape[1]))
         self.organ_definitions = meta.get("organ_definitions")
+        self.training_geometry = meta.get("training_geometry")
         self.name, self.sha256 = meta.get("manifest"), meta.get("manifest_sha256")
 
     def slices(self, split: str) -> int:

@@ -233,7 +233,7 @@ def describe_data(config: TrainConfig, data) -> dict:
     normalisation = {"window": list(model.window) if model.window else None, "hu_mean": model.hu_mean,
                      "hu_std": model.hu_std}
     return model_io.data_description(data.organs, data.slicing, data.image_shape, normalisation, data.name,
-                                     data.sha256, data.organ_definitions)
+                                     data.sha256, data.organ_definitions, data.training_geometry)
 
 
 def default_out(config: TrainConfig) -> Path:

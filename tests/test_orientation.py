@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -20,6 +21,7 @@ from hnseg_keras.data import layouts, orientation
 from hnseg_keras.data.cases import Case, image_like, write_dicom_series, write_pddca_case
 from hnseg_keras.data.organs import label_value
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inference import qa
 from hnseg_keras.inference.prediction import Predictor
 
 STORAGES = ("LPS", "RAS", "LPI", "RAI", "PLS")  # PLS: rows and columns swapped
@@ -186,3 +188,25 @@ def test_a_mirrored_prediction_is_caught_by_the_side_check(tmp_path, oracle_file
                  "--strict-qa"]) == 1
     assert "anatomical check failed (--strict-qa)" in capsys.readouterr().err
     assert (tmp_path / "strict" / "mirrored.qa.json").is_file()  # outputs are kept for review
+
+
+OPENKBP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "openkbp-hn" / "train"
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not OPENKBP.is_dir(), reason=f"OpenKBP data not found at {OPENKBP}")
+def test_real_ct_in_five_storages_reads_back_identically_and_its_anatomy_passes_the_side_check(tmp_path):
+    source = OPENKBP / "pt_1"
+    reference = layouts.read_ref(layouts.find_refs(source)[0], ("BrainStem", "Mandible", "Parotid_L", "Parotid_R"))
+    for code in STORAGES:
+        folder = tmp_path / code / "pt_1"
+        stored_case_folder(reference, reference.masks, folder, code)
+        case = layouts.read_ref(layouts.find_refs(folder)[0], tuple(reference.masks))
+        assert case.storage.code == code and np.array_equal(case.ct, reference.ct)
+        assert all(np.array_equal(case.masks[name], mask) for name, mask in reference.masks.items())
+        findings = qa.check_case(case.masks, case.spacing, case.origin, case.direction, case.ct)
+        assert qa.summarise(findings)["failed"] == 0, (code, qa.summarise(findings))
+    mirrored = {name: mask[:, :, ::-1] for name, mask in reference.masks.items()}
+    findings = qa.check_case(mirrored, reference.spacing, reference.origin, reference.direction, reference.ct)
+    assert {(f["organ"], f["check"]) for f in findings if f["status"] == "fail"} == {("Parotid_L", "side"),
+                                                                                   ("Parotid_R", "side")}

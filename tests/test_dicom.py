@@ -204,20 +204,20 @@ def test_rtstruct_written_for_a_case_reads_back(tmp_path):
 def test_predicted_rtstruct_references_the_chosen_series_and_reads_back(tmp_path):
     """predict's RTSTRUCT for a patient folder with two series (one chosen by --series) is drawn on that series;
     put beside it, it selects that series and its masks read back unchanged."""
-    from hnseg_keras.inference import batch, prediction
+    from hnseg_keras.inference import batch, prediction, rtstruct
 
     folder = tmp_path / "root" / "p1"
     truth = small_case(1)
     write_patient(truth, folder, "flat", rtstruct=False)
     write_dicom_series(dataclasses.replace(small_case(2), case_id=truth.case_id), folder / "other")
     uid = next(s.uid for s in dicom.scan_patient(folder)[0] if len(s.files) == truth.ct.shape[0])
-    (item,) = prediction.find_inputs(folder, reading=layouts.Reading(series=uid))
+    (item,) = batch.find_inputs(folder, reading=layouts.Reading(series=uid))
     assert len(item.series_files) == truth.ct.shape[0]
     case = layouts.read_ref(item.ref, ())
     organs = ("BrainStem", "Parotid_L", "Parotid_R")
     seg = prediction.Segmentation("p1", organs, np.stack([truth.masks[o].astype(bool) for o in organs]),
                                   np.zeros(truth.ct.shape, np.uint8), 0.0, truth.ct.shape[0])
-    path = batch.write_rtstruct(seg, case, item.series_files, folder / "pred_rtstruct.dcm")
+    path = rtstruct.write_rtstruct(seg, case, item.series_files, folder / "pred_rtstruct.dcm")
     assert dicom.referenced_series(pydicom.dcmread(path)) == uid
     back = _read(tmp_path / "root", organs=organs)["p1"]
     for organ in organs:

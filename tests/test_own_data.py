@@ -21,6 +21,7 @@ from hnseg_keras.data.cases import write_label_map, write_pddca_case
 from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, definitions, label_value, read_organs_file
 from hnseg_keras.data.shards import Manifest
 from hnseg_keras.inference import batch, prediction
+from hnseg_keras.inference.rtstruct import write_rtstruct
 
 TINY = ["--size", "32", "--spacing", "8", "--workers", "1"]
 ORGANS_FILE = {"organs": [
@@ -121,9 +122,9 @@ def test_user_organs_through_prepare_prediction_outputs_and_evaluate(tmp_path, c
     assert set(np.unique(labels[case.masks["Cochlea_L"] > 0])) == {20}
     assert set(np.unique(labels[case.masks["Cochlea_R"] > 0])) == {21}
     write_label_map(labels, case, tmp_path / "pred" / "ear01.nrrd")
-    item = prediction.find_inputs(tmp_path / "tree")[0]
+    item = batch.find_inputs(tmp_path / "tree")[0]
     (tmp_path / "pred-rt").mkdir()
-    rtstruct = batch.write_rtstruct(seg, case, item.series_files, tmp_path / "pred-rt" / "ear01_rtstruct.dcm")
+    rtstruct = write_rtstruct(seg, case, item.series_files, tmp_path / "pred-rt" / "ear01_rtstruct.dcm")
     rois = {str(r.ROIName): r for r in pydicom.dcmread(rtstruct).StructureSetROISequence}
     colours = {str(r.ReferencedROINumber): [int(v) for v in r.ROIDisplayColor]
                for r in pydicom.dcmread(rtstruct).ROIContourSequence}

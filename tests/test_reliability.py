@@ -22,7 +22,7 @@ from hnseg_keras.data.shards import Manifest
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock
-from hnseg_keras.inference import batch, model_io, prediction
+from hnseg_keras.inference import batch, model_io
 from hnseg_keras.inference.export import export_run
 from hnseg_keras.inference.prediction import load_predictor
 from hnseg_keras.model.unet import build_unet, variant_config
@@ -169,6 +169,11 @@ def test_cli_tampered_export_one_line_nothing_written(copy, tmp_path, capsys):
 # ----------------------------------------------------------------------------- folder prediction
 
 
+def label_maps(out: Path) -> list[str]:
+    """The label maps and masks folder of a prediction folder (each case also has .seg.nrrd and .qa.json)."""
+    return sorted(p.name for p in out.iterdir() if not p.name.endswith((".seg.nrrd", ".qa.json")))
+
+
 @pytest.mark.slow  # ~25 s: five predict runs
 def test_folder_predict_skips_finished_and_continues_past_bad_cases(export, tmp_path, capsys):
     cases = tmp_path / "cases"
@@ -181,18 +186,18 @@ def test_folder_predict_skips_finished_and_continues_past_bad_cases(export, tmp_
     assert main(args) == 2  # stops at the bad case, naming it
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line of case a
     assert error.startswith("hnseg predict: error: ") and "b/img.nrrd: unreadable or truncated image" in error
-    assert sorted(p.name for p in out.iterdir()) == ["a.nrrd", "masks"]
+    assert label_maps(out) == ["a.nrrd", "masks"]
     first = (out / "a.nrrd").stat().st_mtime_ns
     assert main([*args, "--continue-on-error"]) == 1
     err = capsys.readouterr().err
     assert "skipping 1 finished case" in err and "1 of 2 case(s) failed" in err and "  b: " in err
-    assert sorted(p.name for p in out.iterdir()) == ["a.nrrd", "c.nrrd", "masks"]
+    assert label_maps(out) == ["a.nrrd", "c.nrrd", "masks"]
     assert sorted(p.name for p in (out / "masks").iterdir()) == ["a", "c"]
     assert (out / "a.nrrd").stat().st_mtime_ns == first  # finished work is not redone
     ct_file(cases / "b", "img", seed=1)
     assert main(args) == 0
     assert "skipping 2 finished case(s)" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["a.nrrd", "b.nrrd", "c.nrrd", "masks"]
+    assert label_maps(out) == ["a.nrrd", "b.nrrd", "c.nrrd", "masks"]
     assert main([*args, "--force"]) == 0
     assert (out / "a.nrrd").stat().st_mtime_ns != first  # --force redoes them
 
@@ -207,7 +212,7 @@ def test_case_outputs_appear_together_or_not_at_all(export, tmp_path, monkeypatc
     monkeypatch.setattr(batch, "write_structures", broken)
     with pytest.raises(HnsegError, match="disk full"):
         main_args = ["predict", str(image), "--model", str(export), "--out", str(out), "--pddca-masks"]
-        prediction.run(build_args(main_args))
+        batch.run(build_args(main_args))
     assert not out.exists()  # no outputs, no staging folder, no lock file, no empty --out left
 
 

@@ -1,5 +1,13 @@
-"""Folder prediction and its outputs: which cases are finished, one case at a time, failures reported
-by case, and the writers of a case's files (label map, Slicer file, PDDCA masks, RTSTRUCT, preview).
+"""``hnseg predict``, the runner around the prediction engine: input folders, output files, locks,
+progress, failures reported by case, and the writers of a case's files.
+
+Outputs in ``--out``: ``<case>.nrrd`` (or ``.nii.gz``) label map with catalogue label values,
+``masks/<case>/structures/<Organ>.nrrd`` (``--pddca-masks``; a separate folder so ``hnseg
+evaluate`` sees one prediction per case), ``<case>_rtstruct.dcm`` for a DICOM series input,
+``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``),
+``<case>.qa.json`` (stored orientation, grid changes and the anatomical checks of ``qa.py``) and,
+with ``--preview``, ``preview/<case>.png`` (``visual.py``, drawn in LPS: the patient's left on the
+picture's right, anterior up). Every file but the preview lies on the input's own grid and storage.
 
 A case counts as finished when its label map exists (``write_segmentation`` renames it into place
 last), so a rerun skips finished cases and redoes the rest; ``--continue-on-error`` goes on past a
@@ -8,33 +16,178 @@ failing case and lists every failure with its reason at the end.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from hnseg_keras import configs
-from hnseg_keras.data import layouts, orientation
-from hnseg_keras.data.cases import Case, write_label_map, write_pddca_case
-from hnseg_keras.data.organs import colour_of
+from hnseg_keras.data import layouts
+from hnseg_keras.data.cases import Case, CaseRef, write_label_map, write_pddca_case
+from hnseg_keras.data.organs import canonical_name
+from hnseg_keras.data.splits import SPLITS
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import atomic_path, owned_by_live_process, refuse_existing, replace_folder, temp_name
-from hnseg_keras.inference import qa, slicer, visual
+from hnseg_keras.files import (
+    FolderLock,
+    owned_by_live_process,
+    refuse_existing,
+    replace_folder,
+    temp_name,
+)
+from hnseg_keras.inference import slicer, visual
 from hnseg_keras.inference.prediction import (
-    FORMATS,
-    CaseInput,
     Predictor,
     Segmentation,
-    _progress_bar,
-    output_paths,
+    load_predictor,
+    on_own_grid,
+    qa_record,
     segment_case,
 )
+from hnseg_keras.inference.rtstruct import write_rtstruct
 from hnseg_keras.progress import Progress
+
+FORMATS = ("nrrd", "nii.gz")
+
+
+@dataclass(frozen=True)
+class CaseInput:
+    """One case to predict: id, path, kind ("image", "pddca", "nnunet" or "dicom"), how to read it and, for
+    DICOM, the checked files of its CT series (what the RTSTRUCT references)."""
+
+    case_id: str
+    path: Path
+    kind: str
+    ref: CaseRef | None = None
+    series_files: tuple[Path, ...] | None = None
+
+
+def find_inputs(path: str | os.PathLike, split: str | None = None,
+                reading: layouts.Reading | None = None) -> list[CaseInput]:
+    """Cases of INPUT in any layout (``layouts.find_refs``); DICOM series are checked here, before any output."""
+    from hnseg_keras.data import dicom
+
+    path = Path(path)
+    if path.is_file() and split:
+        raise HnsegError(f"{path}: --split needs a dataset folder with train/validation/test, not a file")
+    refs = layouts.find_refs(path, reading or layouts.Reading())
+    if split:
+        refs = [ref for ref in refs if ref.split == split]
+        if not refs:
+            raise HnsegError(f"{path}: no cases in split {split!r}; check the folder names (train/validation/test)")
+    items = []
+    for ref in refs:
+        files = dicom.open_patient(ref.path, ref.series, ref.case_id).geometry.files if ref.layout == "dicom" else None
+        items.append(CaseInput(ref.case_id, ref.path, ref.layout, ref, files))
+    return items
+
+
+def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
+                 preview: bool = False) -> dict[str, Path]:
+    """The files one case will produce."""
+    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}",
+             "qa": out_dir / f"{item.case_id}.qa.json"}
+    if preview:
+        paths["preview"] = out_dir / "preview" / f"{item.case_id}.png"
+    if pddca_masks:
+        paths["masks"] = out_dir / "masks" / item.case_id
+    if item.kind == "dicom":
+        paths["rtstruct"] = out_dir / f"{item.case_id}_rtstruct.dcm"
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="INPUT",
+                        help="CT file (NRRD/NIfTI), DICOM series folder, PDDCA case folder or a folder of cases")
+    parser.add_argument("--model", required=True,
+                        help="export folder, .keras file or training run folder; .keras models load in Keras safe "
+                             "mode, after their sha256 matched the export's metadata.json")
+    parser.add_argument("--saved-model", action="store_true",
+                        help="run the export's TensorFlow SavedModel instead of model.keras. A SavedModel is "
+                             "executable code (its graph may run any TensorFlow op); it is loaded only after every "
+                             "file matched the sha256 in metadata.json, so use it only with exports you trust")
+    parser.add_argument("--out", required=True, help="output folder (one predict at a time; finished cases are skipped)")
+    parser.add_argument("--tta", action="store_true", help="average with a left-right mirrored pass")
+    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest 3D component")
+    parser.add_argument("--format", choices=FORMATS, default="nrrd", help="label-map format (default nrrd)")
+    parser.add_argument("--pddca-masks", action="store_true",
+                        help="also write OUT/masks/<case>/structures/<Organ>.nrrd")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per inference batch (default 8)")
+    parser.add_argument("--split", choices=SPLITS,
+                        help="with a dataset folder: predict only this split")
+    parser.add_argument("--force", action="store_true", help="redo finished cases, replacing their outputs")
+    parser.add_argument("--continue-on-error", action="store_true",
+                        help="go on past a case that fails; list the failures at the end (exit status 1)")
+    layouts.add_arguments(parser, organ_options=False)
+    parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
+    parser.add_argument("--organs", nargs="+", metavar="ORGAN",
+                        help="write only these organs (default: every organ the model segments)")
+    parser.add_argument("--roi-names", choices=("catalogue", "tg263"), default="catalogue",
+                        help="RTSTRUCT ROI names: the catalogue's (Parotid_L) or TG-263 (Parotid_L, Glnd_Submand_L, "
+                             "Bone_Mandible, ...)")
+    parser.add_argument("--strict-qa", action="store_true",
+                        help="a case that fails an anatomical check (left/right side, volume, empty organ, many "
+                             "pieces) counts as failed (exit status 1); its outputs and qa.json are still written")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise HnsegError(f"--batch-size {args.batch_size}: must be >= 1")
+    items = find_inputs(args.input, args.split, layouts.reading_from_args(args))
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HnsegError(f"{out_dir}: is a file; give a folder for --out")
+    todo = [item for item in items
+            if case_state(out_dir, item, args.format, args.pddca_masks, args.force,
+                                     args.preview) == "todo"]
+    if len(todo) < len(items):
+        print(f"skipping {len(items) - len(todo)} finished case(s) in {out_dir} (--force redoes them)", file=sys.stderr)
+    if not todo:
+        return 0
+    predictor = load_predictor(args.model, saved_model=args.saved_model)
+    if args.organs:
+        args.organs = chosen_organs(args.organs, predictor)
+    if predictor.spacing_unknown():
+        print(f"hnseg predict: warning: {predictor.source} was trained on each CT's own in-plane spacing but does "
+              "not record which (made before this was recorded); CTs are segmented at their own spacing, which is "
+              "right only near the training data's. Retrain, or re-export the run, to record it", file=sys.stderr)
+    with FolderLock(out_dir, "hnseg predict"):
+        remove_dead_staging(out_dir)
+        failures = predict_all(todo, predictor, out_dir, args)
+    if failures:
+        print(f"{len(failures)} of {len(todo)} case(s) failed:", file=sys.stderr)
+        for case_id, reason in failures:
+            print(f"  {case_id}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def chosen_organs(names: Sequence[str], predictor: Predictor) -> list[str]:
+    """``--organs`` as the model's canonical names; a name it does not segment is refused in one line."""
+    chosen = []
+    for name in names:
+        organ = canonical_name(name, predictor.catalogue)
+        if organ not in predictor.organs:
+            raise HnsegError(f"--organs {name}: the model segments {', '.join(predictor.organs)}; choose among them")
+        chosen.append(organ)
+    return chosen
+
+
+def _progress_bar(label: str) -> Callable[[int, int], None] | None:
+    """A one-line ``\\r`` bar on an interactive stderr; None (silent) otherwise."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        filled = int(30 * done / max(total, 1))
+        end = "\r" if done < total else "\r\x1b[K"
+        print(f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} slices", end=end, file=sys.stderr)
+
+    return show
 
 
 def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, force: bool,
@@ -66,7 +219,8 @@ def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, forc
 
 
 def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], force: bool = False,
-                       dicom_series: Path | None = None, qa_record: dict | None = None) -> list[Path]:
+                       dicom_series: Path | None = None, qa_record: dict | None = None,
+                       roi_names: str = "catalogue") -> list[Path]:
     """Write the label map, PDDCA masks, RTSTRUCT and QA record named in ``paths`` (`output_paths`), all or none.
 
     ``seg`` and ``case`` are in LPS; every file but the preview is written on the input's own grid and
@@ -95,7 +249,7 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
         if "masks" in paths:
             write_structures(seg, case, staged["masks"])
         if "rtstruct" in paths and dicom_series is not None:
-            write_rtstruct(seg, case, dicom_series, staged["rtstruct"])
+            write_rtstruct(seg, case, dicom_series, staged["rtstruct"], roi_names=roi_names)
         for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
             if staged[key].exists():
                 paths[key].parent.mkdir(parents=True, exist_ok=True)
@@ -103,16 +257,6 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return [path for path in paths.values() if path.exists()]
-
-
-def on_own_grid(seg: Segmentation, case: Case) -> tuple[Segmentation, Case]:
-    """An LPS segmentation and case moved back onto the input's storage (views where no resampling is needed)."""
-    storage = case.storage
-    if storage is None or storage.is_canonical:
-        return seg, case
-    moved = dataclasses.replace(seg, masks=storage.to_storage(seg.masks).astype(bool, copy=False),
-                                winner=storage.to_storage(seg.winner))
-    return moved, orientation.stored_case(case)
 
 
 def remove_dead_staging(out_dir: Path) -> None:
@@ -178,27 +322,8 @@ def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, labe
         seg = seg.subset(args.organs)
     record = qa_record(seg, case, predictor)
     paths = output_paths(out_dir, item, args.format, args.pddca_masks, args.preview)
-    return seg, record, write_segmentation(seg, case, paths, args.force, item.series_files, record)
-
-
-def qa_record(seg: Segmentation, case: Case, predictor: Predictor) -> dict:
-    """What ``<case>.qa.json`` holds: the input's storage, what was done to its grid, the anatomical checks."""
-    geometry = predictor.training_geometry or {}
-    findings = qa.check_case(seg.mask_dict(), case.spacing, case.origin, case.direction, case.ct,
-                             geometry.get("organ_volumes_ml"), seg.catalogue)
-    storage = case.storage
-    return {
-        "case_id": case.case_id,
-        "stored_orientation": storage.code if storage is not None else orientation.CANONICAL,
-        "model_orientation": geometry.get("orientation") or orientation.CANONICAL,
-        "oblique_resampled": bool(storage is not None and storage.resampled),
-        "in_plane_spacing_mm": [round(float(v), 4) for v in case.spacing[:2]],
-        "model_spacing_mm": predictor.slicing.spacing_mm,
-        "grid_note": seg.grid_note,
-        "organs": list(seg.organs),
-        "checks": findings,
-        "summary": qa.summarise(findings),
-    }
+    return seg, record, write_segmentation(seg, case, paths, args.force, item.series_files, record,
+                                           roi_names=getattr(args, "roi_names", "catalogue"))
 
 
 def case_error(item: CaseInput, error: BaseException) -> HnsegError:
@@ -217,70 +342,6 @@ def write_structures(seg: Segmentation, case: Case, folder: Path, force: bool = 
         raise HnsegError(f"{folder}: already exists; choose another --out or pass --force")
     return write_pddca_case(dataclasses.replace(case, masks=seg.mask_dict()), folder, overwrite=True,
                             with_image=False)
-
-
-def write_rtstruct(seg: Segmentation, case: Case, series_dir, path: Path, force: bool = False) -> Path:
-    """DICOM RTSTRUCT (rt-utils) of the non-empty organs, referencing the CT series in ``series_dir``
-    (a folder holding one series, or the series' files: ``CaseInput.series_files``).
-
-    rt-utils wants masks [rows, cols, slices] with slices in its own order (sorted along the slice
-    normal); each of its slices is matched to a z index of ``case`` by ImagePositionPatient.
-    """
-    from hnseg_keras.data.dicom import new_rtstruct
-
-    if path.exists() and not force:
-        raise HnsegError(f"{path}: already exists; choose another --out or pass --force")
-    try:
-        rtstruct = new_rtstruct(series_dir)
-    except Exception as error:  # noqa: BLE001  (rt-utils raises bare Exception)
-        raise HnsegError(f"{case.case_id}: rt-utils cannot read the DICOM series ({error})") from None
-    order = series_z_indices(rtstruct.series_data, case)
-    for o, name in enumerate(seg.organs):
-        if seg.masks[o].any():
-            volume = np.moveaxis(seg.masks[o][order], 0, -1)  # [rows, cols, slices] = [Y, X, rt order]
-            rtstruct.add_roi(mask=volume, name=name, color=list(colour_of(name, seg.catalogue)),
-                             description="hnseg-keras prediction")
-    rtstruct.set_series_description("hnseg-keras prediction")
-    stamp_software(rtstruct.ds)
-    with atomic_path(path) as temp:
-        rtstruct.ds.save_as(str(temp))
-    return path
-
-
-def stamp_software(ds) -> None:
-    """Name hnseg-keras (and its version) as the software that made an RTSTRUCT, not the rt-utils defaults."""
-    from hnseg_keras import __version__
-
-    ds.Manufacturer = "hnseg-keras"
-    ds.ManufacturerModelName = "hnseg-keras"
-    ds.SoftwareVersions = __version__
-    ds.InstitutionName = ""
-
-
-def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
-    """z index of ``case`` for each DICOM slice dataset, from ImagePositionPatient and the case geometry."""
-    depth, rows, cols = case.ct.shape
-    if len(series_data) != depth:
-        raise HnsegError(f"case {case.case_id}: the DICOM folder holds {len(series_data)} images but the CT has "
-                         f"{depth} slices; keep one CT series per folder")
-    to_index = np.linalg.inv(np.asarray(case.direction, dtype=np.float64).reshape(3, 3) @ np.diag(case.spacing))
-    order = []
-    for ds in series_data:
-        if int(ds.Rows) != rows or int(ds.Columns) != cols:
-            raise HnsegError(f"case {case.case_id}: DICOM image {ds.Rows}x{ds.Columns} differs from the CT's "
-                             f"{rows}x{cols}; keep one CT series per folder")
-        index = to_index @ (np.asarray(ds.ImagePositionPatient, dtype=np.float64) - np.asarray(case.origin))
-        z = int(round(index[2]))
-        if not 0 <= z < depth or np.abs(index - [0, 0, z]).max() > 0.1:
-            raise HnsegError(f"case {case.case_id}: a DICOM slice at {list(ds.ImagePositionPatient)} is off the "
-                             "CT grid; keep one CT series per folder")
-        order.append(z)
-    if len(set(order)) != depth:
-        raise HnsegError(f"case {case.case_id}: DICOM slice positions repeat; keep one CT series per folder")
-    if not np.isclose(case.spacing[0], case.spacing[1], rtol=1e-4):
-        print(f"hnseg predict: warning: case {case.case_id} has non-square pixels {case.spacing[:2]}; rt-utils "
-              "assumes square pixels, so check the RTSTRUCT contours", file=sys.stderr)
-    return np.asarray(order)
 
 
 # ----------------------------------------------------------------------------- CLI

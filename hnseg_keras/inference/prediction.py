@@ -1,4 +1,4 @@
-"""``hnseg predict``: CT volumes -> organ contours on each CT's own voxel grid.
+"""The prediction engine: a model and one CT volume in, organ masks and their checks out (no files, no CLI).
 
 Per case (read in LPS, ``data.orientation``): the slice grid of training (``slicing.compute_transform``
 on the CT alone, at the in-plane spacing the model was trained on: ``Predictor.slicing_for``), every z
@@ -9,23 +9,16 @@ bounded: the volume is held once as int16 CT, once as one bool mask per organ an
 
 Overlaps in the label map: where several organ masks cover a voxel, the organ with the highest
 probability there wins; where that organ was removed by the largest-component cleanup, the
-first remaining organ in channel order wins. Per-organ masks (``--pddca-masks``) keep overlaps.
+first remaining organ in channel order wins. Per-organ masks keep overlaps.
 
-Outputs in ``--out``: ``<case>.nrrd`` (or ``.nii.gz``) label map with catalogue label values,
-``masks/<case>/structures/<Organ>.nrrd`` (``--pddca-masks``; a separate folder so ``hnseg
-evaluate`` sees one prediction per case), ``<case>_rtstruct.dcm`` for a DICOM series input,
-``<case>.seg.nrrd`` (the label map with organ names and colours for 3D Slicer, ``slicer.py``),
-``<case>.qa.json`` (stored orientation, grid changes and the anatomical checks of ``qa.py``) and,
-with ``--preview``, ``preview/<case>.png`` (``visual.py``, drawn in LPS: the patient's left on the
-picture's right, anterior up). Every file but the preview lies on the input's own grid and storage.
+``on_own_grid`` moves a result back onto the input's storage; ``qa_record`` runs the anatomical
+checks (``qa.py``). Folders, output files and the ``hnseg predict`` command are ``batch.py``'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,11 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 from hnseg_keras import configs
-from hnseg_keras.data import layouts
-from hnseg_keras.data.cases import (
-    Case,
-    CaseRef,
-)
+from hnseg_keras.data import orientation
+from hnseg_keras.data.cases import Case
 from hnseg_keras.data.organs import catalogue_from, flip_permutation, label_value, resolve_organs
 from hnseg_keras.data.slicing import (
     AIR_HU,
@@ -49,15 +39,12 @@ from hnseg_keras.data.slicing import (
     field_of_view,
     to_field_of_view,
 )
-from hnseg_keras.data.splits import SPLITS
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import FolderLock
-from hnseg_keras.inference import slicer, trust
+from hnseg_keras.inference import qa, trust
 
 THRESHOLD = 0.5
 SPACING_SLACK = 0.02  # relative: a CT this close to the training spacing (or its range) is not resampled
 MAP_CHUNK = 8  # slices mapped back to the original grid at once (bounds the float32 buffer)
-FORMATS = ("nrrd", "nii.gz")
 
 
 @dataclass
@@ -341,150 +328,31 @@ def keep_largest_component(mask: np.ndarray) -> None:
         view[...] = labels == int(np.argmax(sizes))
 
 
-def predict_case(ct_case: Case, predictor: Predictor, batch_size: int = 8, tta_flip: bool = False,
-                 largest_component: bool = False) -> dict[str, np.ndarray]:
-    """{organ: uint8 {0,1} mask [Z, Y, X]} on the original CT grid of ``ct_case`` (see `segment_case`)."""
-    return segment_case(ct_case, predictor, batch_size, tta_flip, largest_component).mask_dict()
+def on_own_grid(seg: Segmentation, case: Case) -> tuple[Segmentation, Case]:
+    """An LPS segmentation and case moved back onto the input's storage (views where no resampling is needed)."""
+    storage = case.storage
+    if storage is None or storage.is_canonical:
+        return seg, case
+    moved = dataclasses.replace(seg, masks=storage.to_storage(seg.masks).astype(bool, copy=False),
+                                winner=storage.to_storage(seg.winner))
+    return moved, orientation.stored_case(case)
 
 
-# ----------------------------------------------------------------------------- outputs
-
-
-@dataclass(frozen=True)
-class CaseInput:
-    """One case to predict: id, path, kind ("image", "pddca", "nnunet" or "dicom"), how to read it and, for
-    DICOM, the checked files of its CT series (what the RTSTRUCT references)."""
-
-    case_id: str
-    path: Path
-    kind: str
-    ref: CaseRef | None = None
-    series_files: tuple[Path, ...] | None = None
-
-
-def find_inputs(path: str | os.PathLike, split: str | None = None,
-                reading: layouts.Reading | None = None) -> list[CaseInput]:
-    """Cases of INPUT in any layout (``layouts.find_refs``); DICOM series are checked here, before any output."""
-    from hnseg_keras.data import dicom
-
-    path = Path(path)
-    if path.is_file() and split:
-        raise HnsegError(f"{path}: --split needs a dataset folder with train/validation/test, not a file")
-    refs = layouts.find_refs(path, reading or layouts.Reading())
-    if split:
-        refs = [ref for ref in refs if ref.split == split]
-        if not refs:
-            raise HnsegError(f"{path}: no cases in split {split!r}; check the folder names (train/validation/test)")
-    items = []
-    for ref in refs:
-        files = dicom.open_patient(ref.path, ref.series, ref.case_id).geometry.files if ref.layout == "dicom" else None
-        items.append(CaseInput(ref.case_id, ref.path, ref.layout, ref, files))
-    return items
-
-
-def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
-                 preview: bool = False) -> dict[str, Path]:
-    """The files one case will produce."""
-    paths = {"label_map": out_dir / f"{item.case_id}.{fmt}", "slicer": out_dir / f"{item.case_id}{slicer.SUFFIX}",
-             "qa": out_dir / f"{item.case_id}.qa.json"}
-    if preview:
-        paths["preview"] = out_dir / "preview" / f"{item.case_id}.png"
-    if pddca_masks:
-        paths["masks"] = out_dir / "masks" / item.case_id
-    if item.kind == "dicom":
-        paths["rtstruct"] = out_dir / f"{item.case_id}_rtstruct.dcm"
-    return paths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("input", metavar="INPUT",
-                        help="CT file (NRRD/NIfTI), DICOM series folder, PDDCA case folder or a folder of cases")
-    parser.add_argument("--model", required=True,
-                        help="export folder, .keras file or training run folder; .keras models load in Keras safe "
-                             "mode, after their sha256 matched the export's metadata.json")
-    parser.add_argument("--saved-model", action="store_true",
-                        help="run the export's TensorFlow SavedModel instead of model.keras. A SavedModel is "
-                             "executable code (its graph may run any TensorFlow op); it is loaded only after every "
-                             "file matched the sha256 in metadata.json, so use it only with exports you trust")
-    parser.add_argument("--out", required=True, help="output folder (one predict at a time; finished cases are skipped)")
-    parser.add_argument("--tta", action="store_true", help="average with a left-right mirrored pass")
-    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest 3D component")
-    parser.add_argument("--format", choices=FORMATS, default="nrrd", help="label-map format (default nrrd)")
-    parser.add_argument("--pddca-masks", action="store_true",
-                        help="also write OUT/masks/<case>/structures/<Organ>.nrrd")
-    parser.add_argument("--batch-size", type=int, default=8, help="slices per inference batch (default 8)")
-    parser.add_argument("--split", choices=SPLITS,
-                        help="with a dataset folder: predict only this split")
-    parser.add_argument("--force", action="store_true", help="redo finished cases, replacing their outputs")
-    parser.add_argument("--continue-on-error", action="store_true",
-                        help="go on past a case that fails; list the failures at the end (exit status 1)")
-    layouts.add_arguments(parser, organ_options=False)
-    parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
-    parser.add_argument("--organs", nargs="+", metavar="ORGAN",
-                        help="write only these organs (default: every organ the model segments)")
-    parser.add_argument("--roi-names", choices=("catalogue", "tg263"), default="catalogue",
-                        help="RTSTRUCT ROI names: the catalogue's (Parotid_L) or TG-263 (Parotid_L, Glnd_Submand_L, "
-                             "Bone_Mandible, ...)")
-    parser.add_argument("--strict-qa", action="store_true",
-                        help="a case that fails an anatomical check (left/right side, volume, empty organ, many "
-                             "pieces) counts as failed (exit status 1); its outputs and qa.json are still written")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise HnsegError(f"--batch-size {args.batch_size}: must be >= 1")
-    items = find_inputs(args.input, args.split, layouts.reading_from_args(args))
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HnsegError(f"{out_dir}: is a file; give a folder for --out")
-    from hnseg_keras.inference import batch
-
-    todo = [item for item in items
-            if batch.case_state(out_dir, item, args.format, args.pddca_masks, args.force,
-                                     args.preview) == "todo"]
-    if len(todo) < len(items):
-        print(f"skipping {len(items) - len(todo)} finished case(s) in {out_dir} (--force redoes them)", file=sys.stderr)
-    if not todo:
-        return 0
-    predictor = load_predictor(args.model, saved_model=args.saved_model)
-    if args.organs:
-        args.organs = chosen_organs(args.organs, predictor)
-    if predictor.spacing_unknown():
-        print(f"hnseg predict: warning: {predictor.source} was trained on each CT's own in-plane spacing but does "
-              "not record which (made before this was recorded); CTs are segmented at their own spacing, which is "
-              "right only near the training data's. Retrain, or re-export the run, to record it", file=sys.stderr)
-    with FolderLock(out_dir, "hnseg predict"):
-        batch.remove_dead_staging(out_dir)
-        failures = batch.predict_all(todo, predictor, out_dir, args)
-    if failures:
-        print(f"{len(failures)} of {len(todo)} case(s) failed:", file=sys.stderr)
-        for case_id, reason in failures:
-            print(f"  {case_id}: {reason}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def chosen_organs(names: Sequence[str], predictor: Predictor) -> list[str]:
-    """``--organs`` as the model's canonical names; a name it does not segment is refused in one line."""
-    from hnseg_keras.data.organs import canonical_name
-
-    chosen = []
-    for name in names:
-        organ = canonical_name(name, predictor.catalogue)
-        if organ not in predictor.organs:
-            raise HnsegError(f"--organs {name}: the model segments {', '.join(predictor.organs)}; choose among them")
-        chosen.append(organ)
-    return chosen
-
-
-def _progress_bar(label: str) -> Callable[[int, int], None] | None:
-    """A one-line ``\\r`` bar on an interactive stderr; None (silent) otherwise."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(done: int, total: int) -> None:
-        filled = int(30 * done / max(total, 1))
-        end = "\r" if done < total else "\r\x1b[K"
-        print(f"{label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} slices", end=end, file=sys.stderr)
-
-    return show
+def qa_record(seg: Segmentation, case: Case, predictor: Predictor) -> dict:
+    """What ``<case>.qa.json`` holds: the input's storage, what was done to its grid, the anatomical checks."""
+    geometry = predictor.training_geometry or {}
+    findings = qa.check_case(seg.mask_dict(), case.spacing, case.origin, case.direction, case.ct,
+                             geometry.get("organ_volumes_ml"), seg.catalogue)
+    storage = case.storage
+    return {
+        "case_id": case.case_id,
+        "stored_orientation": storage.code if storage is not None else orientation.CANONICAL,
+        "model_orientation": geometry.get("orientation") or orientation.CANONICAL,
+        "oblique_resampled": bool(storage is not None and storage.resampled),
+        "in_plane_spacing_mm": [round(float(v), 4) for v in case.spacing[:2]],
+        "model_spacing_mm": predictor.slicing.spacing_mm,
+        "grid_note": seg.grid_note,
+        "organs": list(seg.organs),
+        "checks": findings,
+        "summary": qa.summarise(findings),
+    }

@@ -1,4 +1,4 @@
-"""Progress of the long commands (prepare, predict, evaluate), written one way.
+"""Progress of the long commands (prepare, predict, evaluate, train), written one way.
 
 On a terminal: one bar redrawn in place with items done, elapsed time and time left. Anywhere else
 (a log file, CI, a notebook): one line per finished item, so logs stay readable. Either way a
@@ -25,6 +25,20 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes} min {rest:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def bar(done: int, total: int) -> str:
+    """``"[######..................]"``: the share done, the same width in every command."""
+    filled = int(BAR_WIDTH * min(max(done / max(total, 1), 0.0), 1.0))
+    return "[" + "#" * filled + "." * (BAR_WIDTH - filled) + "]"
+
+
+def clock_time(seconds_ahead: float, now: float | None = None) -> str:
+    """Local clock time ``seconds_ahead`` after ``now`` (``time.time()``): ``"14:32"``, with the date
+    when that is not today (a long run's end must not read as this afternoon)."""
+    now = time.time() if now is None else now
+    end, today = time.localtime(now + max(0.0, seconds_ahead)), time.localtime(now)
+    return time.strftime("%H:%M" if end[:3] == today[:3] else "%Y-%m-%d %H:%M", end)
 
 
 class Progress:
@@ -63,9 +77,8 @@ class Progress:
         left = self.remaining()
         eta = f", ~{format_seconds(left)} left" if left and self.done < self.total else ""
         if self.interactive:
-            filled = int(BAR_WIDTH * self.done / max(self.total, 1))
-            bar = "#" * filled + "." * (BAR_WIDTH - filled)
-            text = f"\r\x1b[K{self.what} [{bar}] {self.done}/{self.total} {item} ({format_seconds(self.elapsed())}{eta})"
+            text = (f"\r\x1b[K{self.what} {bar(self.done, self.total)} {self.done}/{self.total} {item} "
+                    f"({format_seconds(self.elapsed())}{eta})")
             self.stream.write(text)
         else:
             line = f"{self.what} [{self.done}/{self.total}] {item}"

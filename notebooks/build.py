@@ -243,7 +243,26 @@ if not predictions.exists():
 previews = sorted((predictions / "preview").glob("*.png"))
 display(Image(filename=str(previews[0])))'''),
     ("md", """Each case now has `<case>.nrrd` (a label map), `<case>.seg.nrrd` (open it in 3D Slicer: the organs
-appear named and coloured) and `preview/<case>.png`. Notebook 4 scores them."""),
+appear named and coloured), `<case>.qa.json` (the anatomical checks) and `preview/<case>.png`.
+Notebook 4 scores them.
+
+## The same from Python
+
+`hnseg_keras.api` is the public Python API: `load_model` takes an export folder, `segment` a CT file,
+a DICOM folder or a SimpleITK image, and returns the label map on the CT's own grid with its checks."""),
+    ("code", '''import numpy as np
+import SimpleITK as sitk
+
+from hnseg_keras import api
+
+segmenter = api.load_model(model)
+case_folder = sorted(p for p in (cases / split).iterdir() if p.is_dir())[0]
+result = api.segment(case_folder, segmenter)
+print(result.case_id, "organs:", ", ".join(result.organs))
+print("anatomical checks:", result.qa["summary"])
+written = sitk.GetArrayFromImage(sitk.ReadImage(str(predictions / f"{result.case_id}.nrrd")))
+print("same label map as `hnseg predict` wrote:", np.array_equal(result.labels, written))
+assert np.array_equal(result.labels, written)'''),
 ]
 
 # ----------------------------------------------------------------------------- 04 evaluation

@@ -31,6 +31,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "hnseg_keras.inference": ("hnseg_keras.inference", "hnseg_keras.model", *DATA_READERS),
     "hnseg_keras.evaluation": ("hnseg_keras.evaluation", *DATA_READERS),
     "hnseg_keras.cli": ("hnseg_keras",),
+    "hnseg_keras.api": ("hnseg_keras",),  # the public Python API joins stages, like the CLI
 }
 
 

@@ -328,6 +328,16 @@ def keep_largest_component(mask: np.ndarray) -> None:
         view[...] = labels == int(np.argmax(sizes))
 
 
+def segment_and_check(case: Case, predictor: Predictor, organs: Sequence[str] | None = None, batch_size: int = 8,
+                      tta_flip: bool = False, largest_component: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> tuple[Segmentation, dict]:
+    """One LPS case through the model, cut to ``organs`` (default all), with its QA record (``qa_record``)."""
+    seg = segment_case(case, predictor, batch_size, tta_flip, largest_component, progress)
+    if organs:
+        seg = seg.subset(organs)
+    return seg, qa_record(seg, case, predictor)
+
+
 def on_own_grid(seg: Segmentation, case: Case) -> tuple[Segmentation, Case]:
     """An LPS segmentation and case moved back onto the input's storage (views where no resampling is needed)."""
     storage = case.storage

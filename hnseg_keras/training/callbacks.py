@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import LOCK_NAME, atomic_path, temp_name
 from hnseg_keras.inputs.augment import HU_WINDOW
 from hnseg_keras.inputs.targets import unpack_targets
+from hnseg_keras.progress import bar, clock_time, format_seconds
 
 # ----------------------------------------------------------------------------- history.csv
 
@@ -199,6 +201,116 @@ class WallTimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
             print(f"wall-time budget: stopping after epoch {epoch + 1} ({now / 60:.1f} of "
                   f"{self.seconds / 60:.1f} min; the next epoch would end past it)", flush=True)
+
+
+class TrainProgress(keras.callbacks.ProgbarLogger):
+    """``fit``'s progress on stderr, written like prepare/predict/evaluate (``progress.py``).
+
+    Each epoch end writes one line: epoch, steps, loss and val_dice, elapsed time, time left and the
+    expected end as a clock time. On a terminal a bar is also redrawn within the epoch (at most once a
+    second); in a log only the epoch lines. Training ends with a closing line.
+
+    Time left is the mean epoch time of this session (a resumed run: of the epochs since resuming;
+    after the first epoch, which also traces the model, without it) times the epochs still to run, or, when the wall-time budget ends sooner, the epochs that
+    ``WallTimeBudget``'s rule lets run (with a wall-time cosine schedule the budget ends the run).
+
+    Being a ProgbarLogger, it takes the place of Keras' own bar (``fit`` adds none when one is given)
+    and is silent under ``verbose=0`` (workers other than the chief). Place it first among the run's
+    callbacks: its epoch line then comes before their messages.
+
+    Args:
+        budget: wall-time budget in seconds (``max_train_minutes``), or None.
+        clock: the run's ``TrainingClock`` (elapsed time as the budget counts it); tests pass a fake.
+        best: best ``history.csv`` row of the epochs before a resume (``best_row``), or None.
+        stream: where lines go (stderr by default).
+        interactive: redraw a bar within the epoch; default: whether ``stream`` is a terminal.
+        wall_clock: seconds since the epoch, for the expected end's clock time.
+    """
+
+    def __init__(self, budget: float | None = None, clock: TrainingClock | None = None,
+                 best: dict[str, float] | None = None, stream=None, interactive: bool | None = None,
+                 wall_clock=time.time):
+        super().__init__()
+        self.budget, self.clock = budget, clock or TrainingClock()
+        self.stream = stream or sys.stderr
+        self.interactive = self.stream.isatty() if interactive is None else interactive
+        self.wall_clock = wall_clock
+        self.best = (best["val_dice"], int(best["epoch"])) if best else None
+        self.first = self.last = None  # epochs (0-based) of this session
+        self.longest = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first is None:
+            self.first, self.session_start = epoch, self.clock.elapsed()
+        self.epoch, self.epoch_start, self.seen, self.drawn = epoch, self.clock.elapsed(), 0, -math.inf
+        self.paced_from = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen = batch + 1
+        now = self.clock.elapsed()
+        if self.paced_from is None:  # the pace is timed after the first step, which may trace the model
+            self.paced_from = (now, self.seen)
+        if not (self.verbose and self.interactive) or now - self.drawn < 1.0:
+            return
+        self.drawn = now
+        steps = f"{bar(self.seen, self.target)} {self.seen}/{self.target}" if self.target else f"{self.seen}"
+        text = f"\r\x1b[Ktrain epoch {self.epoch + 1}/{self.epochs} {steps} steps"
+        since, seen = self.paced_from
+        if self.target and self.seen > seen:
+            left = (now - since) / (self.seen - seen) * (self.target - self.seen)
+            text += f" (epoch time left {format_seconds(left)})"
+        self.stream.write(text)
+        self.stream.flush()
+
+    def remaining(self, epoch: int) -> float:
+        """Seconds left after ``epoch`` (0-based) ends: epochs still to run times the mean epoch time."""
+        now = self.clock.elapsed()
+        if epoch > self.first:  # leave out the first epoch of the session: it includes tracing
+            mean = (now - self.after_first) / (epoch - self.first)
+        else:
+            mean = now - self.session_start
+        epochs_left = self.epochs - epoch - 1
+        if self.budget is not None and self.longest > 0:  # WallTimeBudget: stop when now + longest > budget
+            epochs_left = min(epochs_left, math.floor(max(self.budget - now, 0.0) / self.longest))
+        return epochs_left * mean
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        now = self.clock.elapsed()
+        self.longest = max(self.longest, now - self.epoch_start)
+        self.last = epoch
+        if epoch == self.first:
+            self.after_first = now
+        dice = logs.get("val_dice")
+        if dice is not None and math.isfinite(dice) and (self.best is None or dice > self.best[0]):
+            self.best = (float(dice), epoch)
+        if not self.verbose:
+            return
+        steps = f"{self.seen}/{self.target}" if self.target else f"{self.seen}"
+        scores = "".join(f", {key} {logs[key]:.4f}" for key in ("loss", "val_dice") if key in logs)
+        left = self.remaining(epoch)
+        times = f"{format_seconds(now)} elapsed"
+        if left > 0:
+            times += f", time left {format_seconds(left)}, ends at {clock_time(left, self.wall_clock())}"
+        self.write(f"train epoch {epoch + 1}/{self.epochs}: {steps} steps{scores} ({times})")
+
+    def on_train_end(self, logs=None):
+        if not self.verbose:
+            return
+        elapsed = format_seconds(self.clock.elapsed())
+        if self.last is None:  # resumed after the last epoch's backup: nothing left to run
+            self.write(f"train: no epoch left to run ({elapsed})")
+            return
+        line = f"train: {self.last + 1} of {self.epochs} epochs in {elapsed}"
+        if self.first:  # resumed
+            line += f" ({self.last + 1 - self.first} in this session)"
+        if self.best is not None:
+            line += f"; best val_dice {self.best[0]:.4f} at epoch {self.best[1] + 1}"
+        self.write(line)
+
+    def write(self, line: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.interactive else "") + line + "\n")
+        self.stream.flush()
 
 
 def cosine_learning_rate(base: float, progress: float, final_fraction: float = 0.01) -> float:

@@ -400,6 +400,7 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
     ]
     tensorboard = [keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False, profile_batch=0)]
     return [
+        cb.TrainProgress(budget, clock, best),  # first: its epoch line comes before the others' messages
         cb.EpochTimer(),
         BoundaryRamp(loss),
         schedule,

@@ -50,10 +50,12 @@ def _junk_masks(case: Case) -> dict[str, np.ndarray]:
 
 def write_rtstruct(case: Case, ct_folder: Path, path: Path, names: dict[str, str] = CLINIC_NAMES,
                    junk: bool = True, extra: dict[str, np.ndarray] | None = None) -> Path:
-    """An RTSTRUCT (rt-utils) of the case's masks under clinic ``names`` (plus junk ROIs) for its CT series."""
+    """An RTSTRUCT (rt-utils) of the case's masks under clinic ``names`` (plus junk ROIs) for its CT series,
+    completed and checked as predict's are, so the readers are tested on structure sets a clinic could
+    export."""
     from rt_utils import RTStructBuilder
 
-    from hnseg_keras.inference.batch import series_z_indices
+    from hnseg_keras.inference.rtstruct import complete_iod, series_z_indices, validate_rtstruct
 
     rtstruct = RTStructBuilder.create_new(str(ct_folder))
     order = series_z_indices(rtstruct.series_data, case)  # rt-utils sorts slices along the normal
@@ -63,6 +65,8 @@ def write_rtstruct(case: Case, ct_folder: Path, path: Path, names: dict[str, str
     for name, mask in rois.items():
         if mask.any():
             rtstruct.add_roi(mask=np.moveaxis(mask.astype(bool)[order], 0, -1), name=name)
+    complete_iod(rtstruct.ds, rtstruct.series_data[0])
+    assert validate_rtstruct(rtstruct.ds, rtstruct.series_data) == []
     path.parent.mkdir(parents=True, exist_ok=True)
     rtstruct.ds.save_as(str(path), enforce_file_format=True)
     return path

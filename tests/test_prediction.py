@@ -183,6 +183,20 @@ def test_cli_writes_only_the_organs_asked_for(tmp_path, oracle_file, capsys):
     assert not (tmp_path / "p2").exists()
 
 
+def test_a_dicom_case_without_any_organ_gets_its_label_map_and_no_empty_rtstruct(tmp_path, oracle_file, capsys):
+    case, _ = oracle_case("blank")
+    case.ct[:] = 0  # nothing the oracle calls an organ
+    series = write_dicom_series(case, tmp_path / "blank")
+    out = tmp_path / "pred"
+    assert main(["predict", str(series), "--model", str(oracle_file), "--out", str(out)]) == 0
+    assert (out / "blank.nrrd").is_file() and not (out / "blank_rtstruct.dcm").exists()
+    record = json.loads((out / "blank.qa.json").read_text())
+    assert {f["organ"] for f in record["checks"] if f["check"] == "empty" and f["status"] == "fail"} == set(ORGANS)
+    assert "QA failed on 1 of 1 case(s)" in capsys.readouterr().err
+    assert main(["predict", str(series), "--model", str(oracle_file), "--out", str(out)]) == 0  # finished: skipped
+    assert "skipping 1 finished case" in capsys.readouterr().err
+
+
 def test_cli_writes_rtstruct_for_dicom_series(tmp_path, oracle_file, capsys):
     from rt_utils import RTStructBuilder
 

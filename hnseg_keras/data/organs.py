@@ -298,3 +298,26 @@ def added_definitions(catalogue: Mapping[str, Organ]) -> dict[str, dict]:
     """``definitions`` of the organs of ``catalogue`` that the built-in catalogue lacks or defines otherwise."""
     added = [name for name, organ in catalogue.items() if CATALOGUE.get(name) != organ]
     return definitions(added, catalogue)
+
+
+# ----------------------------------------------------------------------------- TG-263 names
+
+# AAPM TG-263 standard names of the catalogue organs: the names planning systems and clinical trials expect.
+TG263_NAMES: dict[str, str] = {
+    "BrainStem": "Brainstem", "Chiasm": "OpticChiasm", "Mandible": "Bone_Mandible",
+    "OpticNerve_L": "OpticNrv_L", "OpticNerve_R": "OpticNrv_R", "Parotid_L": "Parotid_L",
+    "Parotid_R": "Parotid_R", "Submandibular_L": "Glnd_Submand_L", "Submandibular_R": "Glnd_Submand_R",
+    "SpinalCord": "SpinalCord", "Larynx": "Larynx", "Esophagus": "Esophagus",
+}
+ROI_NAME_STYLES = ("catalogue", "tg263")
+
+
+def roi_name(name: str, style: str, catalogue: Mapping[str, Organ] | None = None) -> str:
+    """An organ's ROI name: its catalogue name, or with ``style="tg263"`` its TG-263 name so that planning
+    systems' templates and trial checks recognise it; an organ TG-263 does not list (a user's own) keeps its
+    name."""
+    if style not in ROI_NAME_STYLES:
+        raise HnsegError(f"ROI name style {style!r}: expected one of {', '.join(ROI_NAME_STYLES)}")
+    if name not in (CATALOGUE if catalogue is None else catalogue):
+        raise HnsegError(f"unknown organ {name!r}; add it with --organs-file")
+    return TG263_NAMES.get(name, name) if style == "tg263" else name

@@ -45,8 +45,7 @@ from hnseg_keras.inference.prediction import (
     Segmentation,
     load_predictor,
     on_own_grid,
-    qa_record,
-    segment_case,
+    segment_and_check,
 )
 from hnseg_keras.inference.rtstruct import write_rtstruct
 from hnseg_keras.progress import Progress
@@ -211,7 +210,8 @@ def case_state(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool, forc
                              "choose another --out or remove it")
     if force or not paths["label_map"].exists():
         return "todo"
-    missing = [path for path in paths.values() if not path.exists()]
+    # a DICOM case in which no organ was found has no RTSTRUCT (a structure set needs one ROI): not missing
+    missing = [path for key, path in paths.items() if not path.exists() and key != "rtstruct"]
     if missing:
         raise HnsegError(f"{paths['label_map']}: exists but {missing[0]} does not (an earlier run with other "
                          "options); pass --force to redo the case or choose another --out")
@@ -248,7 +248,7 @@ def write_segmentation(seg: Segmentation, case: Case, paths: dict[str, Path], fo
             configs.write_json_atomic(staged["qa"], qa_record or {})
         if "masks" in paths:
             write_structures(seg, case, staged["masks"])
-        if "rtstruct" in paths and dicom_series is not None:
+        if "rtstruct" in paths and dicom_series is not None and seg.masks.any():
             write_rtstruct(seg, case, dicom_series, staged["rtstruct"], roi_names=roi_names)
         for key in sorted(staged, key=lambda k: k == "label_map"):  # the label map last
             if staged[key].exists():
@@ -316,11 +316,8 @@ def report_qa(flagged: list[tuple[str, list[str]]], done: int) -> None:
 def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, label: str):
     """Read one case into LPS, segment it, check it, write its outputs: (Segmentation, QA record, paths)."""
     case = layouts.read_ref(item.ref, (), layouts.reading_from_args(args))
-    seg = segment_case(case, predictor, args.batch_size, args.tta, args.largest_component,
-                       progress=_progress_bar(label))
-    if getattr(args, "organs", None):
-        seg = seg.subset(args.organs)
-    record = qa_record(seg, case, predictor)
+    seg, record = segment_and_check(case, predictor, getattr(args, "organs", None), args.batch_size, args.tta,
+                                    args.largest_component, progress=_progress_bar(label))
     paths = output_paths(out_dir, item, args.format, args.pddca_masks, args.preview)
     return seg, record, write_segmentation(seg, case, paths, args.force, item.series_files, record,
                                            roi_names=getattr(args, "roi_names", "catalogue"))

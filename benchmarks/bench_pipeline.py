@@ -40,9 +40,11 @@ from hnseg_keras.inputs.pipeline import PipelineConfig  # noqa: E402
 
 def build_phantom_shards(out: Path, cases: int) -> Path:
     """Phantom cases -> shards + manifest (280^2 slices at 1 mm, nine organs) via ``prepare``."""
-    from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
+    from hnseg_keras.data.phantom import PREPARED_INPUT, write_phantom
+    from hnseg_keras.data.prepare import PrepareConfig, prepare
 
-    prepare(PhantomSource(cases), out, PrepareConfig(validation_fraction=0.0), workers=1)
+    write_phantom(out / PREPARED_INPUT, cases)
+    prepare(out / PREPARED_INPUT, out, PrepareConfig(validation_fraction=0.0), workers=1)
     return out / "manifest.json"
 
 

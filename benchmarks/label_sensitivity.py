@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.layouts import find_refs, read_ref
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.evaluation.scores import dice
 
@@ -52,12 +52,12 @@ PERTURBATIONS = {
 
 
 def sensitivity(root: Path, split: str | None, organs: list[str]) -> dict:
-    refs = [ref for ref in find_cases(root) if split is None or ref.split == split]
+    refs = [ref for ref in find_refs(root) if split is None or ref.split == split]
     if not refs:
         raise HnsegError(f"{root}: no cases{f' in split {split!r}' if split else ''}")
     per_case: dict[str, dict] = {}
     for index, ref in enumerate(refs, 1):
-        case = read_case(ref.path, organs)
+        case = read_ref(ref, organs)
         per_case[ref.case_id] = {
             organ: {name: dice(change(mask > 0), mask > 0) for name, change in PERTURBATIONS.items()}
             for organ, mask in case.masks.items() if mask.any()}

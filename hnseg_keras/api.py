@@ -77,8 +77,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike, *, variant: str = "S"
     called again with the same ``out``.
     """
     from hnseg_keras.training import trainer
+    from hnseg_keras.training.config import load_config
 
-    resolved = trainer.load_config(variant, config, list(overrides))
+    resolved = load_config(variant, config, list(overrides))
     return trainer.train(dataclasses.replace(resolved, data=str(data), out=str(out)))
 
 

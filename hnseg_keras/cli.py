@@ -152,10 +152,10 @@ def read_config_file(path) -> tuple[dict, dict | None]:
 def train_config(args: argparse.Namespace, **flags):
     """The TrainConfig the flags describe; without ``--data`` the built-in phantom is prepared first
     (the phantom settings come from the config file's ``"phantom"`` section, else the variant's)."""
-    from hnseg_keras.training import trainer
+    from hnseg_keras.training.config import load_config
 
     data, phantom = read_config_file(args.config)
-    config = trainer.load_config(args.variant, data, args.overrides, args.config)
+    config = load_config(args.variant, data, args.overrides, args.config)
     flags["data"] = args.data
     config = dataclasses.replace(config, **{key: value for key, value in flags.items() if value is not None})
     if config.data is None:
@@ -177,6 +177,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from hnseg_keras.training import trainer
+    from hnseg_keras.training.run_folder import RunFolder
 
     config = train_config(args, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, out=args.out,
                           max_train_minutes=args.max_train_minutes)
@@ -186,7 +187,8 @@ def run_train(args: argparse.Namespace) -> int:
         run_dir = trainer.train(config)
     except KeyboardInterrupt:
         return 130
-    summary = configs.read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
+    summary_file = RunFolder(run_dir).summary_file
+    summary = configs.read_json(summary_file) if summary_file.is_file() else {}
     print(f"run folder: {run_dir} (best val_dice {summary.get('best_val_dice')}, "
           f"{summary.get('epochs_run')} epochs)")
     return 0

@@ -3,6 +3,9 @@
 Used by ``hnseg preview``, the TensorBoard validation images, ``hnseg predict --preview``, the
 evaluation overlays and the notebooks, so an organ has the same colour everywhere
 (``organs.colour_of``). Pure numpy for the pixels; PIL only to add text (legends, labels).
+
+The gray window is a display choice (``DISPLAY_WINDOW`` unless a caller passes one), not the model's input
+window (``inputs.augment.HU_WINDOW``): a picture of what the model sees passes that window explicitly.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from scipy import ndimage
 from hnseg_keras.data.organs import CATALOGUE, colour_of
 from hnseg_keras.files import atomic_path
 
-SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # HU, the display window when none is given
+DISPLAY_WINDOW = (-160.0, 240.0)  # HU: the usual soft-tissue viewing window (width 400, level 40)
 LEGEND_ROW_PX = 18
 LEGEND_ITEM_PX = 150
 
@@ -34,7 +37,7 @@ def contour(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def to_gray(image: np.ndarray, window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> np.ndarray:
+def to_gray(image: np.ndarray, window: tuple[float, float] = DISPLAY_WINDOW) -> np.ndarray:
     """uint8 [H, W] of an HU slice mapped linearly from ``window`` (HU) to 0..255."""
     low, high = window
     scaled = (np.asarray(image, np.float64) - low) / (high - low)
@@ -42,7 +45,7 @@ def to_gray(image: np.ndarray, window: tuple[float, float] = SOFT_TISSUE_WINDOW)
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, organs: Sequence[str],
-            window: tuple[float, float] = SOFT_TISSUE_WINDOW) -> np.ndarray:
+            window: tuple[float, float] = DISPLAY_WINDOW) -> np.ndarray:
     """uint8 RGB [H, W, 3]: an HU slice [H, W] in gray with each organ's contour in its colour.
 
     masks [H, W, O] (any values; > 0.5 is inside), channel ``o`` is organ ``organs[o]``. Later

@@ -12,7 +12,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 
 
@@ -38,11 +37,13 @@ def verify_keras_archive(path: Path) -> None:
 
 
 def verify_run_folder(folder: Path, use_cache: bool = True) -> list[str]:
+    from hnseg_keras.training.config import read_stored
     from hnseg_keras.training.resume import check_backup
-    from hnseg_keras.training.trainer import TrainConfig
+    from hnseg_keras.training.run_folder import RunFolder
 
-    config = configs.from_dict(TrainConfig, configs.read_json(folder / "config.json"))
-    lines = [f"{folder / 'config.json'}: valid training config"]
+    run = RunFolder(folder)
+    config = read_stored(run.config_file)  # a run's config.json, older ones with two HU windows too
+    lines = [f"{run.config_file}: valid training config"]
     data = Path(config.data) if config.data else None
     if data is not None and data.suffix != ".npz":  # an arrays file is checked whole when it is opened
         manifest = data if data.exists() or data.is_absolute() else folder / data
@@ -50,8 +51,8 @@ def verify_run_folder(folder: Path, use_cache: bool = True) -> list[str]:
     for model in sorted(folder.glob("*.keras")):
         verify_keras_archive(model)
         lines.append(f"{model}: readable .keras archive")
-    if (folder / "backup").is_dir():
-        lines.append(check_backup(folder / "backup"))
+    if run.backup_dir.is_dir():
+        lines.append(check_backup(run.backup_dir))
     return lines
 
 

@@ -35,7 +35,7 @@ MAX_CASES = 30  # cases read from DATA'''),
 import numpy as np
 
 from hnseg_keras.data import phantom
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.layouts import find_refs, read_ref
 from hnseg_keras.data.organs import DEFAULT_ORGANS
 from hnseg_keras.render import organ_colour
 
@@ -45,7 +45,7 @@ def load_cases():
     if DATA is None:
         config = phantom.PhantomConfig(size=PHANTOM_SIZE, spacing_mm=204.8 / PHANTOM_SIZE)
         return [phantom.generate_case(index, config) for index in range(PHANTOM_CASES)]
-    return [read_case(ref.path, DEFAULT_ORGANS) for ref in find_cases(DATA)[:MAX_CASES]]
+    return [read_ref(ref, DEFAULT_ORGANS) for ref in find_refs(DATA)[:MAX_CASES]]
 
 
 cases = load_cases()
@@ -124,13 +124,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from hnseg_keras.data import phantom
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.layouts import find_refs, read_ref
 from hnseg_keras.data.slicing import SlicingConfig, slice_case
 from hnseg_keras.inputs import augment
 from hnseg_keras.render import overlay
 
 case = (phantom.generate_case(0, phantom.PhantomConfig(size=PHANTOM_SIZE, spacing_mm=204.8 / PHANTOM_SIZE))
-        if DATA is None else read_case(find_cases(DATA)[0].path, ORGANS))
+        if DATA is None else read_ref(find_refs(DATA)[0], ORGANS))
 examples = list(slice_case(case, ORGANS, SlicingConfig(size=SLICE_SIZE, spacing_mm=SLICE_SPACING)))
 organ_count = [int((e["masks"].max(axis=(0, 1)) > 0).sum()) for e in examples]
 first = int(np.argmax(organ_count))  # the slice showing the most organs
@@ -283,7 +283,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Image, display
 
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.layouts import find_refs, read_ref
 from hnseg_keras.evaluation import plots, scores
 from hnseg_keras.inference.visual import case_preview
 
@@ -297,9 +297,9 @@ display(Image(data=buffer.getvalue()))'''),
     ("code", '''mean_dice = {case: np.mean([entry["dice"] for entry in metrics.values()])
              for case, metrics in results["cases"].items()}
 ranked = sorted(mean_dice, key=mean_dice.get)
-refs = {ref.case_id: ref for ref in find_cases(GROUND_TRUTH)}
+refs = {ref.case_id: ref for ref in find_refs(GROUND_TRUTH)}
 for label, case_id in (("best", ranked[-1]), ("worst", ranked[0])):
-    truth = read_case(refs[case_id].path, ORGANS)
+    truth = read_ref(refs[case_id], ORGANS)
     shown = [name for name in ORGANS if name in truth.masks]
     predicted = scores.read_prediction(scores.find_prediction(Path(PREDICTIONS), case_id), truth, shown)
     pictures = [case_preview(truth.ct, np.stack([masks[name] > 0 for name in shown]), shown, truth.spacing,

@@ -42,11 +42,12 @@ def main() -> int:
     trained = time.perf_counter()
     manifest = Path(json.loads((run / "config.json").read_text())["data"])
     test_cases = manifest.parent / "phantom-cases" / "test"
-    organs = json.loads((run / "data.json").read_text())["organs"]
     step("export", ["export", str(run), "--out", str(model)])
-    step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions), "--preview"])
+    step("predict", ["predict", str(test_cases), "--model", str(model), "--out", str(predictions),
+                     "--preview"])
+    # evaluate scores the organs each <case>.qa.json of predict names, where the test cases annotate them
     step("evaluate", ["evaluate", "--pred", str(predictions), "--gt", str(test_cases),
-                      "--organs", *organs, "--out", str(out / "evaluation"), "--plots"])
+                      "--out", str(out / "evaluation"), "--plots"])
     total = time.perf_counter() - started
     print(f"\ndemo finished in {total / 60:.1f} min (training {(trained - started) / 60:.1f} min); "
           f"everything is in {out}", file=sys.stderr)

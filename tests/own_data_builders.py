@@ -1,11 +1,14 @@
-"""Builders for the bring-your-own-data tests: phantom cases written as DICOM trees and nnU-Net datasets.
+"""Builders for the bring-your-own-data tests: cases written as DICOM series and trees and nnU-Net datasets.
 
-Every layout is built from ``phantom.generate_case`` so the true masks are known voxel for voxel.
+Every layout is built from ``phantom.generate_case`` so the true masks are known voxel for voxel. The
+package only reads DICOM CT series, so their writer (``write_dicom_series``) lives here.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -13,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from hnseg_keras.data.cases import Case, write_dicom_series
+from hnseg_keras.data.cases import Case
 from hnseg_keras.data.organs import DEFAULT_ORGANS, label_value
 from hnseg_keras.data.phantom import PhantomConfig, generate_case
+from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import replace_folder
 
 # 64 x 64 voxels at 4 mm, about 17 slices of 6-8 mm: a DICOM patient in well under a second.
 SMALL = PhantomConfig(size=64, spacing_mm=4.0, slice_spacing_mm=(6.0, 8.0), z_extent_mm=120.0, seed=3)
@@ -32,6 +37,74 @@ ARRANGEMENTS = ("flat", "split", "nested")
 
 def small_case(index: int) -> Case:
     return generate_case(index, SMALL)
+
+
+def write_dicom_series(
+    case: Case, folder: str | os.PathLike, overwrite: bool = False, rescale_slope: float = 1.0
+) -> Path:
+    """Write the CT of ``case`` as a CT Image Storage DICOM series, one file per slice.
+
+    Pixels are stored unsigned with RescaleIntercept = min(-1024, min HU) and the given
+    slope (HU = stored * slope + intercept; HU values are rounded to the slope's grid).
+    Each slice gets ImagePositionPatient from the case geometry and fresh UIDs, so
+    SimpleITK, pydicom and rt-utils read the series back.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise HnsegError(f"{folder}: already exists; choose another folder or pass overwrite")
+    ct = case.ct.astype(np.float64)
+    intercept = float(min(-1024.0, ct.min()))
+    stored = np.round((ct - intercept) / rescale_slope)
+    if stored.max() > np.iinfo(np.uint16).max:
+        raise HnsegError(f"case {case.case_id}: HU range too wide for slope {rescale_slope}; use a larger slope")
+    stored = stored.astype("<u2")
+    axes = np.array(case.direction, dtype=np.float64).reshape(3, 3)  # column j = direction of index axis j
+    shared = Dataset()
+    now = datetime.datetime.now()
+    shared.update({
+        "PatientName": case.case_id, "PatientID": case.case_id, "PatientBirthDate": "", "PatientSex": "",
+        "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
+        "FrameOfReferenceUID": generate_uid(), "StudyDate": now.strftime("%Y%m%d"),
+        "StudyTime": now.strftime("%H%M%S"), "StudyID": "1", "AccessionNumber": "",
+        "ReferringPhysicianName": "", "SeriesNumber": 1, "Modality": "CT", "Manufacturer": "hnseg-keras",
+        "SeriesDescription": f"CT {case.case_id}", "SOPClassUID": CTImageStorage,
+        "ImageOrientationPatient": [_ds(v) for v in (*axes[:, 0], *axes[:, 1])],
+        "PixelSpacing": [_ds(case.spacing[1]), _ds(case.spacing[0])], "SliceThickness": _ds(case.spacing[2]),
+        "Rows": int(ct.shape[1]), "Columns": int(ct.shape[2]), "SamplesPerPixel": 1,
+        "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15,
+        "PixelRepresentation": 0, "RescaleIntercept": _ds(intercept), "RescaleSlope": _ds(rescale_slope),
+        "RescaleType": "HU",
+    })
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for k in range(ct.shape[0]):
+            ds = Dataset()
+            ds.update(shared)
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = k + 1
+            position = np.asarray(case.origin) + k * case.spacing[2] * axes[:, 2]
+            ds.ImagePositionPatient = [_ds(v) for v in position]
+            ds.PixelData = stored[k].tobytes()
+            ds.file_meta = FileMetaDataset()
+            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(tmp / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _ds(value: float) -> str:
+    """A DICOM decimal string (at most 16 characters)."""
+    text = f"{float(value):.10g}"
+    return text if len(text) <= 16 else f"{float(value):.8g}"
 
 
 def _junk_masks(case: Case) -> dict[str, np.ndarray]:
@@ -138,3 +211,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(bool), b.astype(bool)
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
+
+
+def read_one(path: Path, organs=DEFAULT_ORGANS, **reading) -> Case:
+    """The one case at ``path`` (a case folder, a DICOM series or a CT file), read through ``layouts``."""
+    from hnseg_keras.data import layouts
+
+    (ref,) = layouts.find_refs(path, layouts.Reading(**reading))
+    return layouts.read_ref(ref, organs, layouts.Reading(**reading))

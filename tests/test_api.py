@@ -6,11 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from own_data_builders import write_dicom_series
 from test_prediction import ORGANS, dice, oracle_case, oracle_file  # noqa: F401  (oracle_file is a fixture)
 
 from hnseg_keras import api
 from hnseg_keras.cli import main
-from hnseg_keras.data.cases import image_like, write_dicom_series
+from hnseg_keras.data.cases import image_like
 from hnseg_keras.data.organs import label_value
 from hnseg_keras.errors import HnsegError
 

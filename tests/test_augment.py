@@ -9,6 +9,7 @@ import pytest
 import tensorflow as tf
 from scipy import ndimage, stats
 
+from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs import augment
 from hnseg_keras.inputs.augment import AugmentConfig
 
@@ -233,6 +234,12 @@ def test_augment_batch_compiles_with_xla_and_unknown_batch():
     assert set(np.unique(first["masks"].numpy())) <= {0.0, 1.0}
     np.testing.assert_array_equal(first["image"].numpy(), again["image"].numpy())
     assert np.all((first["lam"].numpy() >= 0) & (first["lam"].numpy() <= 1))
+
+
+def test_a_window_must_run_from_low_to_high():
+    with pytest.raises(HnsegError, match=r"augment.window=\[195.0, -155.0\]: give \(low, high\)"):
+        AugmentConfig(window=(195.0, -155.0))
+    assert AugmentConfig(window=None).window is None
 
 
 def test_window_clips_and_none_uses_the_hu_range():

@@ -11,7 +11,7 @@ import pytest
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.training import callbacks as cb
-from hnseg_keras.training import trainer as training
+from hnseg_keras.training.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 MOMENTUM = 0.5
@@ -81,10 +81,10 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path):
 
 
 def test_ema_momentum_must_be_a_fraction():
-    assert training.load_config("S", None, ["ema_momentum=0.99"]).ema_momentum == 0.99
+    assert load_config("S", None, ["ema_momentum=0.99"]).ema_momentum == 0.99
     for value in ("1.0", "0", "true"):
         with pytest.raises(HnsegError, match="ema_momentum"):
-            training.load_config("S", None, [f"ema_momentum={value}"])
+            load_config("S", None, [f"ema_momentum={value}"])
 
 
 def test_seed_spread_summary_gives_mean_sd_and_worst():

@@ -1,4 +1,5 @@
-"""Readers and writers of cases.py: exact round trips, annotation semantics, one-line errors."""
+"""Reading cases through ``layouts`` (PDDCA folders, image files, DICOM series), the label-map helper and the
+writers of cases.py: exact round trips, annotation semantics, one-line errors."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from own_data_builders import read_one, write_dicom_series
 
+from hnseg_keras.data import layouts
 from hnseg_keras.data.cases import (
     Case,
-    find_cases,
     image_like,
-    read_case,
+    read_image,
+    read_label_map,
     reference_image,
-    write_dicom_series,
     write_label_map,
     write_pddca_case,
 )
-from hnseg_keras.data.organs import label_value
+from hnseg_keras.data.organs import label_value, normalise
 from hnseg_keras.errors import HnsegError
 
 
@@ -52,7 +54,7 @@ def write_image(array, path, case, **geometry):
 
 def test_pddca_round_trip_is_exact(tmp_path, tiny_case):
     folder = write_pddca_case(tiny_case, tmp_path / tiny_case.case_id)
-    back = read_case(folder)
+    back = read_one(folder)
     assert back.case_id == tiny_case.case_id
     assert back.ct.dtype == np.int16 and np.array_equal(back.ct, tiny_case.ct)
     assert back.spacing == pytest.approx(tiny_case.spacing) and back.origin == pytest.approx(tiny_case.origin)
@@ -65,7 +67,7 @@ def test_pddca_round_trip_is_exact(tmp_path, tiny_case):
 def test_missing_structure_file_means_not_annotated(tmp_path):
     folder = write_pddca_case(small_case(), tmp_path / "c1")
     (folder / "structures" / "Parotid_L.nrrd").unlink()
-    case = read_case(folder)
+    case = read_one(folder)
     assert list(case.masks) == ["BrainStem"]
     assert case.annotated(["BrainStem", "Parotid_L", "Chiasm"]).tolist() == [True, False, False]
 
@@ -78,8 +80,8 @@ def test_aliases_resolved_unknown_files_logged_once(tmp_path, caplog):
     (structures / "Parotid_L.nrrd").rename(structures / "LeftParotid.nrrd")
     write_image(source.masks["BrainStem"], structures / "Tumour.nrrd", source)
     write_image(source.masks["BrainStem"], structures / "Eye_L.nrrd", source)
-    with caplog.at_level(logging.INFO, logger="hnseg_keras.data.cases"):
-        case = read_case(folder)
+    with caplog.at_level(logging.INFO, logger="hnseg_keras.data.pddca"):
+        case = read_one(folder)
     assert sorted(case.masks) == ["BrainStem", "Parotid_L"]
     assert np.array_equal(case.masks["Parotid_L"], source.masks["Parotid_L"])
     unknown_lines = [r.getMessage() for r in caplog.records if "unknown structure" in r.getMessage()]
@@ -88,14 +90,26 @@ def test_aliases_resolved_unknown_files_logged_once(tmp_path, caplog):
 
 def test_only_requested_organs_are_kept(tmp_path):
     folder = write_pddca_case(small_case(), tmp_path / "c1")
-    assert list(read_case(folder, organs=("Parotid_L",)).masks) == ["Parotid_L"]
+    assert list(read_one(folder, organs=("Parotid_L",)).masks) == ["Parotid_L"]
+
+
+def test_organ_map_applies_to_reading_as_to_describing(tmp_path):
+    """``scan`` (describe) and ``prepare`` (read) match a PDDCA structure file through the same organ map."""
+    source = small_case()
+    folder = write_pddca_case(source, tmp_path / "c1")
+    (folder / "structures" / "BrainStem.nrrd").rename(folder / "structures" / "Stem.nrrd")
+    reading = layouts.Reading(organ_map={normalise("Stem"): "BrainStem", normalise("Parotid_L"): None})
+    (ref,) = layouts.find_refs(folder, reading)
+    assert layouts.describe(ref, reading)["organs"] == {"BrainStem": "Stem"}
+    case = layouts.read_ref(ref, ("BrainStem", "Parotid_L"), reading)
+    assert list(case.masks) == ["BrainStem"] and np.array_equal(case.masks["BrainStem"], source.masks["BrainStem"])
 
 
 def test_mask_of_0_255_becomes_0_1(tmp_path):
     source = small_case()
     folder = write_pddca_case(Case("c1", source.ct, source.spacing, source.origin), tmp_path / "c1")
     write_image(source.masks["BrainStem"] * np.uint8(255), folder / "structures" / "BrainStem.nrrd", source)
-    assert np.array_equal(read_case(folder).masks["BrainStem"], source.masks["BrainStem"])
+    assert np.array_equal(read_one(folder).masks["BrainStem"], source.masks["BrainStem"])
 
 
 def test_write_pddca_refuses_existing_folder(tmp_path):
@@ -105,7 +119,7 @@ def test_write_pddca_refuses_existing_folder(tmp_path):
     other = small_case()
     other.ct = other.ct + np.int16(1)
     write_pddca_case(other, tmp_path / "c1", overwrite=True)
-    assert np.array_equal(read_case(tmp_path / "c1").ct, other.ct)
+    assert np.array_equal(read_one(tmp_path / "c1").ct, other.ct)
     assert [p.name for p in tmp_path.iterdir()] == ["c1"]  # no temporary folders left
 
 
@@ -120,34 +134,40 @@ def label_array(case: Case, values: dict[str, int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("ct_name,label_name", [("ct.nii.gz", "labels.nii.gz"), ("ct.nrrd", "labels.nrrd")])
-def test_label_map_with_catalogue_values(tmp_path, ct_name, label_name):
+def test_image_file_and_label_map_round_trip(tmp_path, ct_name, label_name):
     source = small_case()
     sitk.WriteImage(reference_image(source), str(tmp_path / ct_name))
     values = {name: label_value(name) for name in source.masks}
     write_label_map(label_array(source, values), source, tmp_path / label_name)
-    case = read_case(tmp_path / ct_name, label_map=tmp_path / label_name)
-    assert case.case_id == "ct" and np.array_equal(case.ct, source.ct)
-    assert sorted(case.masks) == ["BrainStem", "Parotid_L"]  # other catalogue organs: no voxel -> not annotated
+    case = read_one(tmp_path / ct_name)
+    assert case.case_id == "ct" and np.array_equal(case.ct, source.ct) and case.masks == {}  # no contours
+    table = {value: name for name, value in values.items()}
+    masks = read_label_map(tmp_path / label_name, read_image(tmp_path / ct_name), table, list(source.masks),
+                           {0, *table})
     for name in source.masks:
-        assert np.array_equal(case.masks[name], source.masks[name]), name
+        assert np.array_equal(masks[name], source.masks[name]), name
 
 
-def test_label_map_with_json_table(tmp_path, caplog):
+def test_label_map_table_semantics(tmp_path, caplog):
     source = small_case()
     sitk.WriteImage(reference_image(source), str(tmp_path / "ct.nrrd"))
     labels = label_array(source, {"BrainStem": 20, "Parotid_L": 30})
     labels[3, 5, 4] = 99  # a value the table does not map
     write_label_map(labels, source, tmp_path / "labels.nii.gz")
-    table = tmp_path / "labels.json"
-    table.write_text(json.dumps({"20": "Brainstem", "30": "LeftParotid", "40": "Chiasm"}))
+    ct_image = read_image(tmp_path / "ct.nrrd")
+    table = {20: "BrainStem", 30: "Parotid_L", 40: "Chiasm"}
     with caplog.at_level(logging.INFO, logger="hnseg_keras.data.cases"):
-        case = read_case(tmp_path / "ct.nrrd", label_map=tmp_path / "labels.nii.gz", labels=table)
-    assert np.array_equal(case.masks["BrainStem"], source.masks["BrainStem"])
-    assert np.array_equal(case.masks["Parotid_L"], source.masks["Parotid_L"])
-    assert case.masks["Chiasm"].sum() == 0  # listed in an explicit table: annotated, and empty
+        masks = read_label_map(tmp_path / "labels.nii.gz", ct_image, table, ("Chiasm", "Parotid_L", "BrainStem"),
+                               {0, 20, 30, 40, 99})
+    assert list(masks) == ["Chiasm", "Parotid_L", "BrainStem"]  # the requested order
+    assert np.array_equal(masks["BrainStem"], source.masks["BrainStem"])
+    assert np.array_equal(masks["Parotid_L"], source.masks["Parotid_L"])
+    assert masks["Chiasm"].sum() == 0  # listed in the table: annotated, and empty
     assert any("[99]" in r.getMessage() for r in caplog.records)
-    as_dict = read_case(tmp_path / "ct.nrrd", label_map=tmp_path / "labels.nii.gz", labels={20: "BrainStem"})
-    assert list(as_dict.masks) == ["BrainStem"]
+    assert list(read_label_map(tmp_path / "labels.nii.gz", ct_image, table, ("BrainStem",), {0, 20, 30, 40, 99})) == [
+        "BrainStem"]
+    with pytest.raises(HnsegError, match=r"labels\.nii\.gz: holds label value\(s\) \[99\]"):
+        read_label_map(tmp_path / "labels.nii.gz", ct_image, table, ("BrainStem",), {0, 20, 30, 40})
 
 
 def test_write_label_map_is_atomic_and_refuses_overwrite(tmp_path):
@@ -176,7 +196,7 @@ def test_dicom_round_trip_applies_rescale(tmp_path):
     assert float(first.RescaleIntercept) == -1024.0
     assert np.array_equal(first.pixel_array.astype(int) - 1024, source.ct[0])  # stored != HU
     assert [float(v) for v in first.ImagePositionPatient] == pytest.approx(source.origin)
-    back = read_case(folder)
+    back = read_one(folder)
     assert back.case_id == "dicom" and back.ct.dtype == np.int16
     assert np.array_equal(back.ct, source.ct)
     assert back.spacing == pytest.approx(source.spacing) and back.origin == pytest.approx(source.origin)
@@ -188,7 +208,7 @@ def test_dicom_slope_two(tmp_path):
     folder = write_dicom_series(source, tmp_path / "dicom", rescale_slope=2.0)
     first = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0])
     assert np.array_equal(first.pixel_array.astype(int) * 2 - 1024, source.ct[0])
-    assert np.array_equal(read_case(folder).ct, source.ct)
+    assert np.array_equal(read_one(folder).ct, source.ct)
 
 
 def test_rt_utils_reads_written_series(tmp_path):
@@ -230,7 +250,7 @@ BAD_MASKS = {
 def test_bad_mask_gives_one_line_error_naming_file(tmp_path, problem):
     folder = _pddca_with_bad_mask(tmp_path, **BAD_MASKS[problem])
     with pytest.raises(HnsegError) as error:
-        read_case(folder)
+        read_one(folder)
     message = str(error.value)
     assert "BrainStem.nrrd" in message and "\n" not in message
     assert problem.split()[-1].lower() in message.lower()
@@ -238,7 +258,7 @@ def test_bad_mask_gives_one_line_error_naming_file(tmp_path, problem):
 
 def test_geometry_within_tolerance_is_accepted(tmp_path):
     folder = _pddca_with_bad_mask(tmp_path, Origin=(-12.503, 30.25, -80.0), Spacing=(0.8002, 0.7, 2.5))
-    assert "BrainStem" in read_case(folder).masks
+    assert "BrainStem" in read_one(folder).masks
 
 
 def test_bad_ct_inputs(tmp_path):
@@ -247,13 +267,13 @@ def test_bad_ct_inputs(tmp_path):
     nan_ct[2, 3, 1] = np.inf
     write_image(nan_ct, tmp_path / "inf.nrrd", source)
     with pytest.raises(HnsegError, match=r"inf\.nrrd: 1 NaN/inf voxels"):
-        read_case(tmp_path / "inf.nrrd")
+        read_one(tmp_path / "inf.nrrd")
     sitk.WriteImage(sitk.GetImageFromArray(source.ct[0]), str(tmp_path / "flat.nrrd"))
     with pytest.raises(HnsegError, match=r"flat\.nrrd: image is 2D"):
-        read_case(tmp_path / "flat.nrrd")
+        read_one(tmp_path / "flat.nrrd")
     (tmp_path / "junk.nii.gz").write_bytes(b"not an image at all")
     with pytest.raises(HnsegError, match=r"junk\.nii\.gz: unreadable"):
-        read_case(tmp_path / "junk.nii.gz")
+        read_one(tmp_path / "junk.nii.gz")
 
 
 def test_truncated_file(tmp_path):
@@ -262,45 +282,51 @@ def test_truncated_file(tmp_path):
     data = img.read_bytes()
     img.write_bytes(data[: len(data) - 30])
     with pytest.raises(HnsegError, match=r"img\.nrrd: unreadable or truncated"):
-        read_case(folder)
+        read_one(folder)
 
 
 def test_case_folder_without_img_and_missing_path(tmp_path):
     folder = write_pddca_case(small_case(), tmp_path / "c1")
     (folder / "img.nrrd").unlink()
     with pytest.raises(HnsegError, match=r"c1: case folder has no img\.nrrd"):
-        read_case(folder)
+        read_one(folder)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(HnsegError, match="empty: no img.nrrd"):
-        read_case(tmp_path / "empty")
+    with pytest.raises(HnsegError, match="empty: no cases found"):
+        read_one(tmp_path / "empty")
     with pytest.raises(HnsegError, match="nowhere: no such file"):
-        read_case(tmp_path / "nowhere")
-    with pytest.raises(HnsegError, match="drop the label map"):
-        read_case(tmp_path / "c1", label_map=tmp_path / "x.nrrd")
+        read_one(tmp_path / "nowhere")
+    with pytest.raises(HnsegError, match="layout 'pdf' is unknown"):
+        read_one(tmp_path / "c1", layout="pdf")
 
 
-# ----------------------------------------------------------------------------- find_cases
+# ----------------------------------------------------------------------------- finding cases
 
 
-def test_find_cases_with_split_hints(tmp_path):
+def test_pddca_cases_with_split_hints(tmp_path):
     for relative in ("flat1", "train/a", "val/b", "validation/c", "test/d"):
         write_pddca_case(small_case(relative.split("/")[-1]), tmp_path / relative)
     (tmp_path / "train" / "notes").mkdir()  # no img.nrrd, no structures/: not a case
-    refs = find_cases(tmp_path)
+    refs = layouts.find_refs(tmp_path)
     assert [(r.case_id, r.split) for r in refs] == [
         ("flat1", None), ("a", "train"), ("c", "validation"), ("b", "validation"), ("d", "test"),
     ]
     assert refs[1].path == tmp_path / "train" / "a"
-    assert [r.case_id for r in find_cases(tmp_path / "train" / "a")] == ["a"]
+    assert [r.case_id for r in layouts.find_refs(tmp_path / "train" / "a")] == ["a"]
 
 
-def test_find_cases_duplicate_ids_and_bad_root(tmp_path):
+def test_duplicate_case_ids_and_bad_root(tmp_path):
     write_pddca_case(small_case("x"), tmp_path / "train" / "x")
     write_pddca_case(small_case("x"), tmp_path / "test" / "x")
     with pytest.raises(HnsegError, match="case id 'x'"):
-        find_cases(tmp_path)
-    with pytest.raises(HnsegError, match="not a folder"):
-        find_cases(tmp_path / "nothing")
+        layouts.find_refs(tmp_path)
+    with pytest.raises(HnsegError, match="nothing: no such file or folder"):
+        layouts.find_refs(tmp_path / "nothing")
+
+
+def test_every_layout_module_has_the_reader_functions():
+    """Adding a layout is one module with these four functions plus its line in ``layouts.LAYOUTS``."""
+    for name, module in layouts.LAYOUTS.items():
+        assert all(callable(getattr(module, function, None)) for function in ("detect", "find", "describe", "read")), name
 
 
 # ----------------------------------------------------------------------------- organ names and user organs

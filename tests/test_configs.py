@@ -89,6 +89,6 @@ def test_train_config_refused_before_anything_is_written(tmp_path, monkeypatch, 
         assert len(err.splitlines()) == 1 and f"error: {key}: expected" in err
         assert not out.exists() and not (tmp_path / "tfrecords").exists() and not (tmp_path / "runs").exists()
     # the message names the key, on one line
-    from hnseg_keras.training.trainer import load_config
+    from hnseg_keras.training.config import load_config
     with pytest.raises(HnsegError, match=r"^pipeline\.jit_compile: expected true or false, got \"no\"$"):
         load_config("S", None, ["pipeline.jit_compile=no"])

@@ -9,11 +9,18 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
-from own_data_builders import ARRANGEMENTS, CLINIC_NAMES, dice, small_case, write_patient, write_rtstruct
+from own_data_builders import (
+    ARRANGEMENTS,
+    CLINIC_NAMES,
+    dice,
+    small_case,
+    write_dicom_series,
+    write_patient,
+    write_rtstruct,
+)
 
 from hnseg_keras import cli
 from hnseg_keras.data import dicom, layouts
-from hnseg_keras.data.cases import write_dicom_series
 from hnseg_keras.errors import HnsegError
 
 NINE = tuple(CLINIC_NAMES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -278,3 +279,39 @@ def test_prediction_lookup_rules(dataset):
     (pred / "caseB.nii.gz").write_bytes(b"")
     with pytest.raises(ev.HnsegError, match="caseB has several predictions"):
         ev.find_prediction(pred, "caseB")
+
+
+def test_default_organs_are_the_predicted_ones(dataset):
+    """caseA's label map holds labels 1 and 3, caseB has two structure files: no --organs needed."""
+    pred = dataset / "pred"
+    assert ev.predicted_organs(pred, "caseA", pred / "caseA.nrrd") == {"BrainStem", "Mandible"}
+    assert ev.predicted_organs(pred, "caseB", pred / "caseB") == {"BrainStem", "Mandible"}
+    results = ev.evaluate(pred, dataset / "gt")
+    assert results["organs"] == ["BrainStem", "Mandible"] and list(results["tolerances_mm"]) == results["organs"]
+
+
+def test_qa_record_names_the_model_organs_and_the_ground_truth_limits_them(dataset):
+    """A model of three organs predicts no Mandible in caseA: scored as missed; Parotid_L is not annotated."""
+    pred = dataset / "pred"
+    brainstem_only = make_case("caseA").masks["BrainStem"]
+    write_label_map(brainstem_only, make_case("caseA"), pred / "caseA.nrrd", overwrite=True)
+    assert ev.predicted_organs(pred, "caseA", pred / "caseA.nrrd") == {"BrainStem"}  # labels alone miss Mandible
+    (pred / "caseA.qa.json").write_text(json.dumps({"organs": ["BrainStem", "Mandible", "Parotid_L"]}))
+    assert ev.predicted_organs(pred, "caseA", pred / "caseA.nrrd") == {"BrainStem", "Mandible", "Parotid_L"}
+    shutil.rmtree(pred / "caseB")
+    results = ev.evaluate(pred, dataset / "gt", allow_missing=True)
+    assert results["organs"] == ["BrainStem", "Mandible"] and "Parotid_L" not in results["summary"]
+    assert results["cases"]["caseA"]["Mandible"]["flag"] == "pred_empty"
+    assert ev.evaluate(pred, dataset / "gt", ["Mandible", "Parotid_L"], allow_missing=True)["organs"] == [
+        "Mandible", "Parotid_L"]  # a chosen list is scored as chosen
+
+
+def test_predictions_without_organs_give_one_line_errors(dataset, capsys):
+    pred, gt = dataset / "pred", str(dataset / "gt")
+    (pred / "caseA.qa.json").write_text("{}")
+    _assert_one_line_error(*run_cli(["--pred", str(pred), "--gt", gt], capsys)[::2], "caseA.qa.json", "--organs")
+    (pred / "caseA.qa.json").unlink()
+    write_label_map(np.zeros(SHAPE, np.uint8), make_case("caseA"), pred / "caseA.nrrd", overwrite=True)
+    shutil.rmtree(pred / "caseB")
+    _assert_one_line_error(*run_cli(["--pred", str(pred), "--gt", gt, "--allow-missing"], capsys)[::2],
+                           "no organ of the catalogue", "--organs")

@@ -1,4 +1,4 @@
-"""Masked, mixup-aware losses on hand-computed 2x2 examples."""
+"""The masked, mixup-aware SegmentationLoss on hand-computed 2x2 examples, each term alone and combined."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from hnseg_keras.inputs.targets import pack_targets
-from hnseg_keras.model.losses import BoundaryLoss, BoundaryRamp, FocalLoss, SegmentationLoss, SoftDiceLoss
+from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
 
 # One sample, one organ, 2x2 pixels (row-major).
 P = np.array([0.9, 0.2, 0.6, 0.1], "float32").reshape(1, 2, 2, 1)
@@ -21,11 +21,23 @@ def _value(loss, y_true, y_pred, sample_weight=None):
     return float(keras.ops.convert_to_numpy(loss(y_true, y_pred, sample_weight=sample_weight)))
 
 
+def focal(num_organs, gamma=2.0):
+    return SegmentationLoss(num_organs, focal_weight=1.0, dice_weight=0.0, gamma=gamma)
+
+
+def soft_dice(num_organs, smooth=1.0):
+    return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth)
+
+
+def boundary(num_organs):
+    return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=0.0, boundary_weight=1.0)
+
+
 def _all_losses(num_organs):
     return [
-        FocalLoss(num_organs),
-        SoftDiceLoss(num_organs),
-        BoundaryLoss(num_organs),
+        focal(num_organs),
+        soft_dice(num_organs),
+        boundary(num_organs),
         SegmentationLoss(num_organs, focal_weight=0.5, dice_weight=2.0, boundary_weight=0.1),
     ]
 
@@ -38,8 +50,8 @@ def test_focal_by_hand():
         -(0.1**2) * math.log(1 - 0.1),
     ]
     y = pack_targets(Y, D, ONE)
-    assert _value(FocalLoss(1), y, P) == pytest.approx(sum(pixels) / 4, rel=1e-4)
-    assert _value(FocalLoss(1, gamma=0.0), y, P) == pytest.approx(
+    assert _value(focal(1), y, P) == pytest.approx(sum(pixels) / 4, rel=1e-4)
+    assert _value(focal(1, gamma=0.0), y, P) == pytest.approx(
         -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.9)) / 4, rel=1e-4
     )
 
@@ -47,18 +59,18 @@ def test_focal_by_hand():
 def test_dice_by_hand():
     # sum(p y) = 1.5, sum(p) = 1.8, sum(y) = 2, smooth 1: 1 - (3 + 1) / (3.8 + 1)
     y = pack_targets(Y, D, ONE)
-    assert _value(SoftDiceLoss(1), y, P) == pytest.approx(1 - 4 / 4.8, rel=1e-5)
-    assert _value(SoftDiceLoss(1, smooth=0.0), y, P) == pytest.approx(1 - 3 / 3.8, rel=1e-5)
+    assert _value(soft_dice(1), y, P) == pytest.approx(1 - 4 / 4.8, rel=1e-5)
+    assert _value(soft_dice(1, smooth=0.0), y, P) == pytest.approx(1 - 3 / 3.8, rel=1e-5)
 
 
 def test_boundary_by_hand():
     # mean of p * d = (-0.9 + 0.2 - 0.6 + 0.2) / 4
-    assert _value(BoundaryLoss(1), pack_targets(Y, D, ONE), P) == pytest.approx(-0.275, rel=1e-5)
+    assert _value(boundary(1), pack_targets(Y, D, ONE), P) == pytest.approx(-0.275, rel=1e-5)
 
 
 def test_combination_is_the_weighted_sum():
     y = pack_targets(Y, D, ONE)
-    parts = [_value(cls(1), y, P) for cls in (FocalLoss, SoftDiceLoss, BoundaryLoss)]
+    parts = [_value(term(1), y, P) for term in (focal, soft_dice, boundary)]
     combined = SegmentationLoss(1, focal_weight=0.5, dice_weight=2.0, boundary_weight=0.1)
     assert _value(combined, y, P) == pytest.approx(0.5 * parts[0] + 2.0 * parts[1] + 0.1 * parts[2], rel=1e-5)
 
@@ -80,7 +92,7 @@ def test_dice_averages_over_annotated_pairs_only():
     masks, dist, annotated, p = _two_samples()
     # Pairs: (0,0) -> 0; (0,1) -> 1 - 1/2; (1,0) -> 1 - 1/(2+1); (1,1) not annotated.
     expected = (0.0 + 0.5 + 2 / 3) / 3
-    assert _value(SoftDiceLoss(2), pack_targets(masks, dist, annotated), p) == pytest.approx(expected, rel=1e-5)
+    assert _value(soft_dice(2), pack_targets(masks, dist, annotated), p) == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("index", range(4))
@@ -136,7 +148,7 @@ def test_mixup_is_lambda_weighted_sum(index):
 def test_mixup_batch_weights_samples_by_annotated_pairs():
     # Sample 0 as in _mixup_case (lam 0.3: 0.3 * 2 + 0.7 * 1 = 1.3 pairs); sample 1 a plain copy (2 pairs).
     target1, target2, p = _mixup_case()
-    loss = SoftDiceLoss(2)
+    loss = soft_dice(2)
     lam = np.array([0.3, 1.0], "float32")
     stack = [np.concatenate([a, a], axis=0) for a in target1]
     partner = [np.concatenate([b, a], axis=0) for a, b in zip(target1, target2, strict=True)]
@@ -149,7 +161,7 @@ def test_mixup_batch_weights_samples_by_annotated_pairs():
 
 def test_sample_weights_fold_into_the_masked_mean():
     masks, dist, annotated, p = _two_samples()
-    loss = SoftDiceLoss(2)
+    loss = soft_dice(2)
     y = pack_targets(masks, dist, annotated)
     only_first = _value(loss, pack_targets(masks[:1], dist[:1], annotated[:1]), p[:1])
     assert _value(loss, y, p, sample_weight=np.array([1.0, 0.0], "float32")) == pytest.approx(only_first)

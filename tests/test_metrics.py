@@ -6,7 +6,7 @@ import pytest
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs.targets import pack_targets
-from hnseg_keras.model.losses import SoftDiceLoss
+from hnseg_keras.model.losses import SegmentationLoss
 from hnseg_keras.model.metrics import MeanDice, OrganDice, dice_metrics
 
 
@@ -88,7 +88,8 @@ def test_dice_metrics_names_and_config_round_trip():
 def test_fit_logs_val_dice():
     inputs = keras.Input((4, 4, 1))
     model = keras.Model(inputs, keras.layers.Conv2D(2, 1, activation="sigmoid")(inputs))
-    model.compile(optimizer="sgd", loss=SoftDiceLoss(2), metrics=dice_metrics(["BrainStem", "Chiasm"]))
+    model.compile(optimizer="sgd", loss=SegmentationLoss(2, focal_weight=0.0),
+                  metrics=dice_metrics(["BrainStem", "Chiasm"]))
     x = np.ones((2, 4, 4, 1), "float32")
     masks = np.zeros((2, 4, 4, 2), "float32")
     masks[:, :2, :2, 0] = 1

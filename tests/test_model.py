@@ -85,7 +85,7 @@ def test_variant_config_errors_and_overrides():
 
 
 def test_config_json_round_trip():
-    for config in (*VARIANTS.values(), _tiny(window=None, hu_mean=-300.0, hu_std=450.0)):
+    for config in (*VARIANTS.values(), _tiny(hu_mean=-300.0, hu_std=450.0)):
         assert configs.from_dict(UNetConfig, configs.to_dict(config)) == config
 
 
@@ -111,8 +111,18 @@ def test_window_normalisation_values():
 def test_default_statistics_map_window_to_unit_range():
     clip, mean, std = UNetConfig().normalization()
     assert clip == (-155.0, 195.0) and mean == 20.0 and std == 175.0
-    clip, mean, std = UNetConfig(window=None, hu_mean=-400.0, hu_std=500.0).normalization()
+    clip, mean, std = UNetConfig(hu_mean=-400.0, hu_std=500.0).normalization(None)
     assert clip == (-1024.0, 3071.0) and (mean, std) == (-400.0, 500.0)
+    with pytest.raises(HnsegError, match="low < high"):
+        UNetConfig().normalization((200.0, 100.0))
+
+
+def test_the_model_clips_to_the_window_it_is_built_with():
+    """The window is the training input's (AugmentConfig.window), not a field of UNetConfig."""
+    assert "window" not in {field.name for field in dataclasses.fields(UNetConfig)}
+    layer = build_unet(_tiny(hu_mean=0.0, hu_std=1.0), window=(-100.0, 300.0)).get_layer("hu_window")
+    assert layer.window == (-100.0, 300.0)
+    assert build_unet(_tiny()).get_layer("hu_window").window == (-155.0, 195.0)  # the paper's, by default
 
 
 def test_layers_config_round_trip():

@@ -67,14 +67,15 @@ def test_augmentation_notebook_is_reproducible():
 def test_evaluation_notebook_on_known_predictions(tmp_path):
     """Predictions copied from the ground truth, with Parotid_R left out of one case: known scores."""
     from hnseg_keras.data import phantom
-    from hnseg_keras.data.cases import read_case, write_label_map
+    from hnseg_keras.data.cases import write_label_map
+    from hnseg_keras.data.layouts import read_ref
     from hnseg_keras.data.organs import label_value
 
     organs = ["BrainStem", "Parotid_L", "Parotid_R"]
     refs = phantom.write_phantom(tmp_path / "gt", 3, phantom.PhantomConfig(size=64, spacing_mm=3.2), splits=None,
                                  progress=False)
     for number, ref in enumerate(refs):
-        case = read_case(ref.path, organs)
+        case = read_ref(ref, organs)
         labels = np.zeros(case.ct.shape, np.uint8)
         for name in organs[:2] if number == 0 else organs:
             labels[case.masks[name] > 0] = label_value(name)

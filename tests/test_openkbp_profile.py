@@ -32,12 +32,12 @@ def profile_prepare_config() -> PrepareConfig:
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
 def test_train_config_loads_and_fits_the_slicing(name):
-    from hnseg_keras.training.trainer import load_config
+    from hnseg_keras.training.config import load_config
 
     config = load_config(None, REPO / "configs" / name)
     slicing = profile_prepare_config().slicing
     assert config.variant == "S"
-    assert config.model.window == config.augment.window
+    assert not hasattr(config.model, "window")  # one home: augment.window, which builds the model too
     # The random training crop lies inside the slices and survives the U-Net's 4 down-samplings.
     assert config.augment.crop_size <= slicing.size
     assert config.augment.crop_size % config.model.size_multiple == 0
@@ -46,7 +46,7 @@ def test_train_config_loads_and_fits_the_slicing(name):
 
 
 def test_budgets_fit_the_issue_and_the_long_run_anneals():
-    from hnseg_keras.training.trainer import load_config
+    from hnseg_keras.training.config import load_config
 
     short = load_config(None, REPO / "configs" / "openkbp.json")
     long = load_config(None, REPO / "configs" / "openkbp_long.json")
@@ -64,13 +64,14 @@ def test_prepare_config_is_native_2p5d_for_the_four_organs():
 @needs_data
 def test_profile_slicing_keeps_every_organ_voxel_on_real_cases():
     """Native spacing makes the crop an integer shift, so every organ voxel must reappear exactly."""
-    from hnseg_keras.data.cases import read_case
+    from own_data_builders import read_one
+
     from hnseg_keras.data.slicing import slice_case
 
     config = profile_prepare_config()
     size, channels = config.slicing.size, 2 * config.slicing.neighbours + 1
     for name in CASES[:3]:
-        case = read_case(DATA / name, ORGANS)
+        case = read_one(DATA / name, ORGANS)
         examples = list(slice_case(case, ORGANS, config.slicing))
         present = [organ in case.masks for organ in ORGANS]
         assert examples[0]["image"].shape == (size, size, channels)

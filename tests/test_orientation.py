@@ -14,11 +14,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from own_data_builders import write_dicom_series
 from test_prediction import ORGANS, dice, oracle_case, oracle_file  # noqa: F401  (oracle_file is a fixture)
 
 from hnseg_keras.cli import main
 from hnseg_keras.data import layouts, orientation
-from hnseg_keras.data.cases import Case, image_like, write_dicom_series, write_pddca_case
+from hnseg_keras.data.cases import Case, image_like, write_pddca_case
 from hnseg_keras.data.organs import label_value
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inference import qa

@@ -74,7 +74,7 @@ def test_evaluate_gt_on_dicom_tree_equals_evaluate_on_pddca_copy(tmp_path):
     scores = {}
     for gt in ("tree", "pddca"):
         assert cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / gt),
-                         "--out", str(tmp_path / f"eval-{gt}")]) == 0
+                         "--organs", *DEFAULT_ORGANS, "--out", str(tmp_path / f"eval-{gt}")]) == 0
         scores[gt] = json.loads((tmp_path / f"eval-{gt}" / "results.json").read_text())
     for organ in DEFAULT_ORGANS:
         tree, pddca = scores["tree"]["summary"][organ]["dice"], scores["pddca"]["summary"][organ]["dice"]
@@ -165,7 +165,8 @@ def test_dicom_tree_prepare_train_export_predict_evaluate(tmp_path):
     for gt in ("tree", "pddca"):
         hnseg("evaluate", "--pred", tmp_path / "pred", "--gt", tmp_path / gt, "--out", tmp_path / f"ev-{gt}")
         scores[gt] = json.loads((tmp_path / f"ev-{gt}" / "results.json").read_text())["summary"]
-    for organ in DEFAULT_ORGANS:
+    assert list(scores["tree"]) == list(scores["pddca"])  # the model's organs that both annotate
+    for organ in scores["pddca"]:
         assert scores["tree"][organ]["n"] == scores["pddca"][organ]["n"]
         tree, pddca = scores["tree"][organ]["dice"]["mean"], scores["pddca"][organ]["dice"]["mean"]
         assert (tree is None and pddca is None) or abs(tree - pddca) * 100 < 0.5, organ

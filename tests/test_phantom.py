@@ -10,7 +10,7 @@ import pytest
 
 from hnseg_keras import configs
 from hnseg_keras.cli import main
-from hnseg_keras.data.cases import find_cases, read_case
+from hnseg_keras.data.layouts import find_refs, read_ref
 from hnseg_keras.data.organs import DEFAULT_ORGANS
 from hnseg_keras.data.phantom import (
     MISSABLE,
@@ -147,16 +147,16 @@ def test_split_counts_known_answers():
 
 
 def test_tiny_phantom_root_layout(tiny_phantom_root, tiny_phantom_config):
-    refs = find_cases(tiny_phantom_root)
+    refs = find_refs(tiny_phantom_root)
     assert [(r.case_id, r.split) for r in refs] == [
         ("phantom_0000", "train"), ("phantom_0001", "train"), ("phantom_0002", "train"),
         ("phantom_0003", "validation"), ("phantom_0004", "test"),
     ]
-    back = read_case(refs[1].path)
+    back = read_ref(refs[1], DEFAULT_ORGANS)
     source = generate_case(1, tiny_phantom_config)
     assert np.array_equal(back.ct, source.ct)
     assert all(np.array_equal(back.masks[k], source.masks[k]) for k in source.masks)
-    assert "Mandible" not in read_case(refs[0].path).masks  # phantom_0000 is a missing-annotation case
+    assert "Mandible" not in read_ref(refs[0], DEFAULT_ORGANS).masks  # phantom_0000 is a missing-annotation case
     assert json.loads((tiny_phantom_root / "phantom.json").read_text())["num_cases"] == 5
 
 
@@ -182,7 +182,7 @@ def test_cli_writes_cases_with_progress(tmp_path, capsys):
     assert code == 0
     err = capsys.readouterr().err
     assert "phantom 3/3 phantom_0002 -> test" in err
-    assert [r.split for r in find_cases(out)] == ["train", "validation", "test"]
+    assert [r.split for r in find_refs(out)] == ["train", "validation", "test"]
     saved = json.loads((out / "phantom.json").read_text())
     assert saved["config"]["seed"] == 5 and saved["config"]["size"] == 32
 

@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 from keras import layers, ops
+from own_data_builders import write_dicom_series
 
 from hnseg_keras import configs
 from hnseg_keras.cli import main
-from hnseg_keras.data.cases import Case, image_like, write_dicom_series, write_pddca_case
+from hnseg_keras.data.cases import Case, image_like, write_pddca_case
 from hnseg_keras.data.organs import colour_of, label_value
 from hnseg_keras.data.slicing import SlicingConfig
+from hnseg_keras.inference import trust
 from hnseg_keras.inference.prediction import Predictor, keep_largest_component, load_predictor, segment_case
 
 ORGANS = ("BrainStem", "Parotid_L", "Parotid_R")
@@ -77,11 +79,12 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def oracle_file(tmp_path_factory):
-    """The oracle as ``model.keras`` + ``metadata.json``, the way `load_predictor` finds an export's metadata."""
+    """The oracle as ``model.keras`` + ``metadata.json`` (with its sha256, as ``hnseg export`` writes it)."""
     folder = tmp_path_factory.mktemp("oracle_model")
     oracle_model().save(folder / "model.keras")
     metadata = {"format": "hnseg-keras-export", "organs": list(ORGANS), "slicing": configs.to_dict(SLICING),
-                "input": {"height": SLICING.size, "width": SLICING.size, "channels": 1}}
+                "input": {"height": SLICING.size, "width": SLICING.size, "channels": 1},
+                trust.FILES_KEY: trust.fingerprint(folder, ("model.keras",))}
     (folder / "metadata.json").write_text(json.dumps(metadata))
     return folder / "model.keras"
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from own_data_builders import read_one
 from test_shards import _assert_same
 from test_slicing import make_case
 
 from hnseg_keras import cli, configs
-from hnseg_keras.data.cases import CaseRef, read_case, write_pddca_case
+from hnseg_keras.data.cases import CaseRef, write_pddca_case
 from hnseg_keras.data.prepare import PrepareConfig, assign_splits, prepare
 from hnseg_keras.data.shards import Manifest, read_split
 from hnseg_keras.data.slicing import SlicingConfig, slice_case
@@ -95,7 +96,7 @@ def test_prepare_writes_exact_records_and_consistent_manifest(tmp_path):
     assert train["organs"]["Mandible"]["annotated_cases"] == 1 and train["organs"]["BrainStem"]["annotated_cases"] == 2
     # every train slice's centre channel is counted once in the HU histogram
     assert sum(manifest.intensity_histogram["counts"]) == train["slices"] * 32 * 32
-    expected = [e for e in slice_case(read_case(root / "train" / "p2", ORGANS), ORGANS, CONFIG.slicing)]
+    expected = [e for e in slice_case(read_one(root / "train" / "p2", ORGANS), ORGANS, CONFIG.slicing)]
     parsed = [e for e in read_split(tmp_path / "out", "train", cycle_length=1) if e["case_id"] == b"p2"]
     assert len(parsed) == len(expected) == manifest.cases["p2"]["slices"]
     for got, source in zip(parsed, expected, strict=True):
@@ -193,6 +194,47 @@ def test_phantom_folder_splits_and_missing_annotations(tiny_phantom_root, tmp_pa
     assert manifest.verify(tmp_path / "out") == []
 
 
+def test_phantom_is_written_as_a_folder_then_prepared_like_any_input(tmp_path, capsys):
+    args = ["prepare", "--phantom", "3", "--phantom-size", "48", "--phantom-spacing", "5", "--size", "32",
+            "--spacing", "5", "--organs", "BrainStem", "Mandible", "--workers", "1"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("user data")
+    assert cli.main([*args, "--out", str(tmp_path / "mine")]) == 2
+    assert "not a prepare output" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]  # nothing written into it
+    out = tmp_path / "out"
+    assert cli.main([*args, "--out", str(out)]) == 0
+    manifest = Manifest.load(out)
+    assert manifest.complete and manifest.source == "phantom-cases" and manifest.prepare["phantom"] is None
+    assert cli.main([*args, "--out", str(out)]) == 0  # a rerun keeps the phantom and the finished cases
+    assert "skipping 3 finished case(s)" in capsys.readouterr().err
+    again = prepare(out / "phantom-cases", tmp_path / "again", PrepareConfig(
+        organs=("BrainStem", "Mandible"), slicing=SlicingConfig(size=32, spacing_mm=5.0)))
+    assert {case: entry["slices"] for case, entry in again.cases.items()} == {
+        case: entry["slices"] for case, entry in manifest.cases.items()}
+
+
+def test_demo_set_reuses_a_complete_cache_and_rebuilds_an_unfinished_one_of_before(tmp_path):
+    from hnseg_keras.data import demo_set
+    from hnseg_keras.data.phantom import PhantomConfig
+
+    settings = demo_set.PhantomDataConfig(cases=3, generator=PhantomConfig(size=48, spacing_mm=5.0),
+                                          prepare=PrepareConfig(organs=ORGANS, slicing=SlicingConfig(
+                                              size=32, spacing_mm=5.0)), cache_dir=str(tmp_path), workers=1)
+    path = demo_set.prepare_phantom(settings)
+    assert Manifest.load(path).complete and Manifest.load(path).source == "phantom-cases"
+    before = _snapshot(path.parent)
+    legacy = json.loads(path.read_text())
+    legacy.update(source="phantom:3", complete=True)  # as prepared while prepare generated phantoms
+    path.write_text(json.dumps(legacy))
+    assert demo_set.prepare_phantom(settings) == path and Manifest.load(path).source == "phantom:3"  # kept
+    legacy["complete"] = False  # an interrupted run of before: rebuilt
+    path.write_text(json.dumps(legacy))
+    assert demo_set.prepare_phantom(settings) == path
+    assert Manifest.load(path).complete and Manifest.load(path).source == "phantom-cases"
+    assert [name for name, _ in _snapshot(path.parent)] == [name for name, _ in before]
+
+
 @pytest.mark.realdata
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason="../shared/data/openkbp-hn is absent")
 def test_real_openkbp_cases(tmp_path):
@@ -210,5 +252,5 @@ def test_real_openkbp_cases(tmp_path):
     assert manifest.splits["train"]["cases"] == 2 and manifest.splits["validation"]["cases"] == 1
     example = next(iter(read_split(tmp_path / "out", "validation")))
     assert example["image"].shape == (128, 128, 1) and example["masks"].shape == (128, 128, 4)
-    spacing = read_case(REAL_DATA / "validation" / "pt_201", organs).spacing
+    spacing = read_one(REAL_DATA / "validation" / "pt_201", organs).spacing
     np.testing.assert_allclose(example["spacing"].numpy(), spacing, rtol=1e-6)

@@ -268,20 +268,21 @@ def test_plausible_ct_gives_no_warning_and_warnings_reach_stderr(tmp_path, capsy
     assert checks.check_image(image, "ct.nrrd") == []
     odd = sitk.GetImageFromArray(np.full((3, 8, 8), 7, np.uint8))
     sitk.WriteImage(odd, str(tmp_path / "u8.nrrd"))
+    from own_data_builders import read_one
+
     from hnseg_keras.cli import setup_logging
-    from hnseg_keras.data.cases import read_case
 
     setup_logging()
-    read_case(tmp_path / "u8.nrrd")
+    read_one(tmp_path / "u8.nrrd")
     err = capsys.readouterr().err
     assert err.startswith("hnseg: warning: ") and "u8.nrrd: voxels are 8-bit unsigned" in err
 
 
 def test_rtstruct_names_hnseg_keras_and_keeps_the_patient(export, tmp_path):
     import pydicom
+    from own_data_builders import write_dicom_series
 
     from hnseg_keras import __version__
-    from hnseg_keras.data.cases import write_dicom_series
 
     ct = np.random.default_rng(0).integers(-1000, 1200, size=(3, 36, 36)).astype(np.int16)
     series = write_dicom_series(Case("patient7", ct, (1.2, 1.2, 3.0)), tmp_path / "patient7")

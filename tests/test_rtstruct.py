@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
+from own_data_builders import write_dicom_series
 from pydicom.uid import generate_uid
 from test_prediction import ORGANS, oracle_case, oracle_file  # noqa: F401  (oracle_file is a fixture)
 
 from hnseg_keras.cli import main
 from hnseg_keras.data import organs
-from hnseg_keras.data.cases import write_dicom_series
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inference import rtstruct
 from hnseg_keras.inference.prediction import Segmentation

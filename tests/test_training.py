@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -23,6 +24,8 @@ from hnseg_keras.inputs import train_step
 from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import sources
 from hnseg_keras.training import trainer as training
+from hnseg_keras.training.config import VARIANT_NAMES, TrainConfig, load_config, preset, stored_config
+from hnseg_keras.training.run_folder import FINISHED, NEW, RESUME, RunFolder, best_row, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("BrainStem", "Mandible", "Parotid_L")
@@ -42,22 +45,27 @@ def tiny_manifest(tiny_phantom_root, tmp_path_factory) -> Path:
     return out / "manifest.json"
 
 
-def tiny_config(manifest: Path, out: Path, *extra: str) -> training.TrainConfig:
-    return training.load_config("S", None, [*TINY_OVERRIDES, f"data={manifest}", f"out={out}", *extra])
+def tiny_config(manifest: Path, out: Path, *extra: str) -> TrainConfig:
+    return load_config("S", None, [*TINY_OVERRIDES, f"data={manifest}", f"out={out}", *extra])
 
 
 # ----------------------------------------------------------------------------- configuration
 
 
-@pytest.mark.parametrize("variant", training.VARIANT_NAMES)
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
 def test_presets_round_trip_through_json(variant):
-    config = training.preset(variant)
-    again = configs.from_dict(training.TrainConfig, json.loads(json.dumps(configs.to_dict(config))))
+    config = preset(variant)
+    again = configs.from_dict(TrainConfig, json.loads(json.dumps(configs.to_dict(config))))
     assert again == config
 
 
+def test_the_config_defaults_are_the_s_preset_as_load_config_s():
+    assert TrainConfig() == preset("S") == load_config()
+    assert TrainConfig().variant == "S" and TrainConfig().model.name == "unet_S"
+
+
 def test_presets_follow_the_paper():
-    large, mixup = training.preset("L"), training.preset("M")
+    large, mixup = preset("L"), preset("M")
     for config in (large, mixup):
         assert config.epochs == 200 and config.learning_rate == 1e-3
         assert config.lr_factor == 0.5 and config.lr_patience == 10
@@ -65,21 +73,21 @@ def test_presets_follow_the_paper():
     assert large.model.units_per_level == 2 and mixup.model.units_per_level == 1
     assert large.loss.boundary_weight == 0.0 and not large.augment.mixup
     assert mixup.loss.boundary_weight > 0.0 and mixup.augment.mixup
-    assert training.preset("s").epochs < 200
+    assert preset("s").epochs < 200
 
 
 def test_load_config_layers_preset_file_and_overrides(tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps({"variant": "M", "epochs": 7, "model": {"filters": [4, 8, 16, 32, 64]},
                                 "augment": {"mixup": False}}))
-    config = training.load_config(None, path, ["epochs=9", "loss.dice_weight=2"])
+    config = load_config(None, path, ["epochs=9", "loss.dice_weight=2"])
     assert config.variant == "M" and config.epochs == 9 and config.loss.dice_weight == 2.0
     assert config.model.filters == (4, 8, 16, 32, 64) and config.model.units_per_level == 1  # rest from M
-    assert config.loss.boundary_weight == training.preset("M").loss.boundary_weight
+    assert config.loss.boundary_weight == preset("M").loss.boundary_weight
     assert not config.augment.mixup
-    assert training.load_config("L", path).variant == "L"  # --variant wins over the file
-    assert training.load_config("L", path).model.units_per_level == 2
-    assert training.load_config().variant == "S"
+    assert load_config("L", path).variant == "L"  # --variant wins over the file
+    assert load_config("L", path).model.units_per_level == 2
+    assert load_config().variant == "S"
 
 
 @pytest.mark.parametrize("content, overrides, fragment", [
@@ -95,13 +103,36 @@ def test_bad_configs_raise_one_line_errors(tmp_path, content, overrides, fragmen
     path = tmp_path / "bad.json"
     path.write_text(content)
     with pytest.raises(HnsegError, match=fragment) as info:
-        training.load_config("S", path, overrides)
+        load_config("S", path, overrides)
     assert "\n" not in str(info.value)
+
+
+def test_old_config_files_may_carry_the_window_twice_when_both_agree(tmp_path, caplog):
+    """The HU window lives in augment.window alone; files written before also have model.window."""
+    both = tmp_path / "old.json"
+    both.write_text(json.dumps({"model": {"window": [-155, 195]}, "augment": {"window": [-155.0, 195.0]}}))
+    with caplog.at_level(logging.WARNING, logger="hnseg_keras"):
+        assert load_config("S", both) == load_config("S", both) == preset("S")
+    warnings = [record.getMessage() for record in caplog.records if "model.window is ignored" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(str(both))  # once per file
+    assert load_config("S", {"model": {"window": [-155, 195]}}) == preset("S")  # equal to the preset's window
+    differ = tmp_path / "differ.json"
+    differ.write_text(json.dumps({"model": {"window": [-100, 300]}, "augment": {"window": [-155, 195]}}))
+    with pytest.raises(HnsegError, match=r"^.*differ.json: model.window=\[-100, 300\] differs from augment.window"
+                       ) as info:
+        load_config("S", differ)
+    assert "\n" not in str(info.value)
+    with pytest.raises(HnsegError, match="differs from augment.window"):
+        load_config("S", {"model": {"window": [-100, 300]}})
+    run = RunFolder(tmp_path / "run")  # a run folder of an older version resumes
+    resolved = stored_config(preset("S"))
+    configs.write_json_atomic(run.config_file, {**resolved, "model": {**resolved["model"], "window": [-155, 195]}})
+    assert run.check(resolved) == RESUME
 
 
 def test_unknown_variant_is_refused():
     with pytest.raises(HnsegError, match="'XL'"):
-        training.load_config("XL")
+        load_config("XL")
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
@@ -123,35 +154,66 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
 
 def test_run_folder_states(tmp_path):
     wanted = {"epochs": 3, "model": {"filters": [4, 8]}, "out": "a"}
-    run = tmp_path / "run"
-    assert cb.check_run_folder(run, wanted) == "new"
-    run.mkdir()
-    assert cb.check_run_folder(run, wanted) == "new"  # empty folder
-    configs.write_json_atomic(run / "config.json", {**wanted, "out": "moved"})
-    assert cb.check_run_folder(run, wanted) == "resume"
-    configs.write_json_atomic(run / "summary.json", {"status": "finished"})
-    assert cb.check_run_folder(run, wanted) == "finished"
+    run = RunFolder(tmp_path / "run")
+    assert run.check(wanted) == NEW
+    run.path.mkdir()
+    assert run.check(wanted) == NEW  # empty folder
+    configs.write_json_atomic(run.config_file, {**wanted, "out": "moved"})
+    assert run.check(wanted) == RESUME
+    configs.write_json_atomic(run.summary_file, {"status": "finished"})
+    assert run.check(wanted) == FINISHED
     with pytest.raises(HnsegError, match=r"finished run of a different config \(model.filters differ"):
-        cb.check_run_folder(run, {**wanted, "model": {"filters": [4, 16]}})
+        run.check({**wanted, "model": {"filters": [4, 16]}})
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(HnsegError, match="no config.json"):
-        cb.check_run_folder(other, wanted)
+        RunFolder(other).check(wanted)
+
+
+def test_run_folder_names_each_file_once(tmp_path):
+    run = RunFolder(tmp_path)
+    names = [run.config_file, run.data_file, run.history_file, run.curves_file, run.summary_file, run.logs_dir,
+             run.images_dir, run.backup_dir, *(run.model_file(which) for which in ("best", "final", "interrupted"))]
+    assert [str(path.relative_to(tmp_path)) for path in names] == [
+        "config.json", "data.json", "history.csv", "training_curves.png", "summary.json", "logs", "logs/images",
+        "backup", "best.keras", "final.keras", "interrupted.keras"]
+    with pytest.raises(ValueError, match="latest"):
+        run.model_file("latest")
+    worker = RunFolder.of_worker(tmp_path / "run", chief=False, task=1)
+    assert worker.path == tmp_path / ".run.worker-1" and RunFolder.of_worker(tmp_path / "run", True, 0).path == (
+        tmp_path / "run")
+
+
+def test_opening_a_run_folder_locks_it_and_writes_config_and_data(tiny_manifest, tmp_path):
+    data = sources.open_data(tiny_manifest)
+    config = training.resolve_for_data(tiny_config(tiny_manifest, tmp_path / "run"), data)
+    run = RunFolder(tmp_path / "run")
+    with run.open(config, data, "hnseg train") as state:
+        assert state == NEW
+        assert configs.read_json(run.config_file)["model"]["num_organs"] == len(ORGANS)
+        assert configs.read_json(run.data_file)["normalisation"]["window"] == list(config.augment.window)
+        with pytest.raises(HnsegError, match="in use by hnseg train"), run.open(config, data, "hnseg tune"):
+            pass  # a second writer is refused while the first holds the folder
+    with run.open(config, data, "hnseg train") as state:
+        assert state == RESUME
+    configs.write_json_atomic(run.summary_file, {"status": "finished"})
+    with run.open(config, data, "hnseg train") as state:
+        assert state == FINISHED
 
 
 def test_history_helpers(tmp_path):
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss,val_dice\n0,1.0,0.1\n1,0.8,0.5\n2,0.7,0.4\n3,0.6,0.3\n")
-    history = cb.read_history(path)
+    history = read_history(path)
     assert [row["epoch"] for row in history] == [0, 1, 2, 3]
-    assert cb.best_row(history)["epoch"] == 1
+    assert best_row(history)["epoch"] == 1
     callback = cb.ResumableReduceLROnPlateau(history, monitor="val_dice", mode="max", patience=10)
     callback.on_train_begin()
     assert callback.best == 0.5 and callback.wait == 2  # two epochs without improvement since the best
-    cb.trim_history(path, 2)
+    RunFolder(tmp_path).trim_history(2)
     assert path.read_text() == "epoch,loss,val_dice\n0,1.0,0.1\n1,0.8,0.5\n"
-    assert cb.read_history(tmp_path / "missing.csv") == [] and cb.best_row([]) is None
+    assert read_history(tmp_path / "missing.csv") == [] and best_row([]) is None
 
 
 def test_validation_images_render_truth_left_and_prediction_right():
@@ -191,7 +253,7 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     run = tmp_path / "run"
     assert (run / "interrupted.keras").is_file() and not (run / "final.keras").exists()
     assert configs.read_json(run / "summary.json")["status"] == "interrupted"
-    assert cb.backup_epoch(run / "backup") == 1
+    assert RunFolder(run).resume_epoch() == 1
     capsys.readouterr()
 
     assert training.train(config) == run  # resumes at the second epoch
@@ -201,12 +263,12 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     described = configs.read_json(run / "data.json")
     assert described["organs"] == list(ORGANS) and described["image_shape"] == [40, 40, 1]
     assert described["manifest"] == tiny_manifest.parent.name and len(described["manifest_sha256"]) == 64
-    assert described["normalisation"] == {"window": list(printed["model"]["window"]),
+    assert described["normalisation"] == {"window": list(printed["augment"]["window"]),
                                           "hu_mean": printed["model"]["hu_mean"], "hu_std": printed["model"]["hu_std"]}
     assert described["slicing"] == configs.read_json(tiny_manifest)["slicing"]
     assert described["organ_definitions"] == configs.read_json(tiny_manifest)["organ_definitions"]
     assert set(described["organ_definitions"]) == set(ORGANS)
-    history = cb.read_history(run / "history.csv")
+    history = read_history(run / "history.csv")
     assert [row["epoch"] for row in history] == [0, 1]
     assert {"loss", "val_loss", "val_dice", "val_dice_Mandible", "learning_rate", "epoch_time_s"} <= set(history[0])
     summary = configs.read_json(run / "summary.json")
@@ -224,7 +286,7 @@ def test_ctrl_c_then_rerun_resumes_and_completes_the_run_folder(tiny_manifest, t
     assert configs.read_json(run / "config.json")["data"] == f"{tiny_manifest.parent.name}/manifest.json"
     # The same config again returns at once; a different one is refused.
     assert training.train(config) == run
-    assert cb.read_history(run / "history.csv") == history
+    assert read_history(run / "history.csv") == history
     with pytest.raises(HnsegError, match="finished run of a different config"):
         training.train(tiny_config(tiny_manifest, tmp_path / "run", "epochs=3"))
 
@@ -234,7 +296,7 @@ def test_short_fit_lowers_the_loss_and_raises_val_dice(tiny_manifest, tmp_path):
     # 3 tiny train cases learn slowly at the paper's 1e-3; a larger step shows the trend in seconds.
     config = tiny_config(tiny_manifest, tmp_path / "run", "epochs=25", "learning_rate=0.01")
     run = training.train(config)
-    history = cb.read_history(run / "history.csv")
+    history = read_history(run / "history.csv")
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
     assert max(row["val_dice"] for row in history[-10:]) > history[0]["val_dice"] + 0.05
 
@@ -247,16 +309,17 @@ def test_a_killed_run_resumes_at_the_second_epoch(tiny_manifest, tmp_path):
     script = textwrap.dedent(f"""
         import os, keras
         from hnseg_keras.training import trainer as training
+        from hnseg_keras.training.config import load_config
         class Kill(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 os._exit(17)
-        training.train(training.load_config("S", None, {overrides!r}), callbacks=[Kill()])
+        training.train(load_config("S", None, {overrides!r}), callbacks=[Kill()])
     """)
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 17, result.stderr[-2000:]
-    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0]
-    training.train(training.load_config("S", None, overrides))
-    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0, 1, 2]
+    assert [row["epoch"] for row in read_history(out / "history.csv")] == [0]
+    training.train(load_config("S", None, overrides))
+    assert [row["epoch"] for row in read_history(out / "history.csv")] == [0, 1, 2]
     assert configs.read_json(out / "summary.json")["initial_epoch"] == 1
 
 
@@ -278,10 +341,11 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
     script = textwrap.dedent(f"""
         import tensorflow as tf
         from hnseg_keras.training import distributed, trainer as training
+        from hnseg_keras.training.config import load_config
         strategy = distributed.strategy_from_environment()
         assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), strategy
         assert strategy.num_replicas_in_sync == 2
-        training.train(training.load_config("S", None, {overrides!r}))
+        training.train(load_config("S", None, {overrides!r}))
     """)
     processes = []
     for index in range(2):
@@ -292,7 +356,7 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
     results = [process.communicate(timeout=600) for process in processes]
     for process, (_, err) in zip(processes, results, strict=True):
         assert process.returncode == 0, err[-3000:]
-    assert [row["epoch"] for row in cb.read_history(out / "history.csv")] == [0]
+    assert [row["epoch"] for row in read_history(out / "history.csv")] == [0]
     assert configs.read_json(out / "summary.json")["status"] == "finished"
     assert (out / "final.keras").is_file() and not (tmp_path / ".run.worker-1").exists()
 
@@ -300,7 +364,7 @@ def test_two_local_workers_train_one_epoch_with_multi_worker_mirrored_strategy(t
 def test_phantom_demo_config_file_is_the_s_preset():
     """configs/phantom_demo.json spells out the README demo; it must not drift from the S preset."""
     data, phantom = cli.read_config_file(REPO / "configs" / "phantom_demo.json")
-    assert training.load_config(None, data) == training.preset("S")
+    assert load_config(None, data) == preset("S")
     assert demo_set.phantom_settings("S", phantom) == demo_set.demo_phantom()
     assert demo_set.phantom_settings("S", {"cases": 8}).prepare == demo_set.demo_phantom().prepare
 
@@ -360,14 +424,14 @@ def test_cosine_schedule_follows_epochs_or_the_clock():
 ])
 def test_bad_schedule_settings_are_refused(overrides, fragment):
     with pytest.raises(HnsegError, match=fragment):
-        training.load_config("S", None, overrides)
+        load_config("S", None, overrides)
 
 
 def test_cosine_run_under_a_budget_logs_a_falling_learning_rate(tiny_manifest, tmp_path):
     config = tiny_config(tiny_manifest, tmp_path / "run", "epochs=4", "steps_per_epoch=2", "learning_rate=0.01",
                          "lr_schedule=cosine")
     run = training.train(config)
-    rates = [row["learning_rate"] for row in cb.read_history(run / "history.csv")]
+    rates = [row["learning_rate"] for row in read_history(run / "history.csv")]
     assert rates == pytest.approx([cb.cosine_learning_rate(0.01, epoch / 4) for epoch in range(4)], rel=1e-5)
     # A budget far below one epoch stops after the first (an epoch always finishes; tiny runs take seconds).
     budgeted = training.train(tiny_config(tiny_manifest, tmp_path / "budget", "epochs=5", "steps_per_epoch=2",
@@ -402,7 +466,7 @@ def test_augment_on_device_trains_on_what_the_host_pipeline_would_have_made(tiny
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
     run = training.train(config)
-    assert [row["epoch"] for row in cb.read_history(run / "history.csv")] == [0]
+    assert [row["epoch"] for row in read_history(run / "history.csv")] == [0]
     model = keras.saving.load_model(run / "final.keras")
     assert "_unaugmented_train_step" not in model.__dict__ and model.output_shape == (None, None, None, 3)
 

@@ -20,9 +20,11 @@ from hnseg_keras import cli, configs
 from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.slicing import SlicingConfig
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.training import callbacks as cb
+from hnseg_keras.files import LOCK_NAME
 from hnseg_keras.training import sources, tuning
 from hnseg_keras.training import trainer as training
+from hnseg_keras.training.config import LossConfig, TrainConfig, load_config, preset, stored_config
+from hnseg_keras.training.run_folder import best_row, read_history
 
 REPO = Path(__file__).resolve().parents[1]
 ORGANS = ("BrainStem", "Mandible", "Parotid_L")
@@ -40,8 +42,8 @@ def tiny_data(tiny_phantom_root, tmp_path_factory) -> Path:
     return out / "manifest.json"
 
 
-def tiny_base(manifest: Path, *overrides: str) -> training.TrainConfig:
-    config = training.load_config("S", None, [*TINY, *overrides])
+def tiny_base(manifest: Path, *overrides: str) -> TrainConfig:
+    config = load_config("S", None, [*TINY, *overrides])
     return dataclasses.replace(config, data=str(manifest))
 
 
@@ -49,24 +51,24 @@ def tiny_base(manifest: Path, *overrides: str) -> training.TrainConfig:
 
 
 def test_apply_values_sets_exactly_the_tuned_fields():
-    base = training.preset("M")
+    base = preset("M")
     values = {"focal_weight": 0.5, "dice_weight": 2.0, "boundary": True, "boundary_weight": 0.02,
               "boundary_ramp_epochs": 7, "mixup": True, "mixup_alpha": 0.4, "learning_rate": 3e-4,
               "tuner/epochs": 9}
     config = tuning.apply_values(base, values)
-    assert config.loss == training.LossConfig(0.5, 2.0, 0.02, 7)
+    assert config.loss == LossConfig(0.5, 2.0, 0.02, 7)
     assert (config.augment.mixup, config.augment.mixup_alpha, config.learning_rate) == (True, 0.4, 3e-4)
     # Nothing else moved.
     same = dataclasses.replace(config, loss=base.loss, augment=base.augment, learning_rate=base.learning_rate)
     assert same == base
     off = tuning.apply_values(base, {**values, "boundary": False, "mixup": False})
-    assert off.loss == training.LossConfig(0.5, 2.0, 0.0, 0)
+    assert off.loss == LossConfig(0.5, 2.0, 0.0, 0)
     assert (off.augment.mixup, off.augment.mixup_alpha) == (False, base.augment.mixup_alpha)
     assert tuning.tuned_fields(off)["mixup_alpha"] is None
 
 
 def test_space_defaults_are_the_base_config_and_conditions_hold():
-    base = training.preset("M")  # focal 1, Dice 1, boundary 0.01 ramped over 20 epochs, mixup alpha 0.2
+    base = preset("M")  # focal 1, Dice 1, boundary 0.01 ramped over 20 epochs, mixup alpha 0.2
     hp = keras_tuner.HyperParameters()
     values = tuning.sample_values(hp, tuning.SearchSpace(), epochs=40, base=base)
     assert values == {"focal_weight": 1.0, "dice_weight": 1.0, "boundary": True, "boundary_weight": 0.01,
@@ -79,7 +81,7 @@ def test_space_defaults_are_the_base_config_and_conditions_hold():
     assert [c.name for c in spec["boundary_weight"].conditions] == ["boundary"]
     # Switched off, the conditional values are not active: L's loss has no boundary term, no mixup.
     hp_off = keras_tuner.HyperParameters()
-    off = tuning.sample_values(hp_off, tuning.SearchSpace(), epochs=40, base=training.preset("L"))
+    off = tuning.sample_values(hp_off, tuning.SearchSpace(), epochs=40, base=preset("L"))
     assert (off["boundary"], off["mixup"]) == (False, False)
     assert "boundary_weight" not in off and "mixup_alpha" not in off
 
@@ -132,7 +134,7 @@ def resumed_search(tiny_data, tmp_path_factory):
         tuning.search(tune, base, callbacks=[InterruptAtEpochEnd()])
     assert not (out / "top_trials.json").exists()
     history_0 = (out / "trials" / "0" / "history.csv").read_bytes()
-    assert len(cb.read_history(out / "trials" / "1" / "history.csv")) == 1
+    assert len(read_history(out / "trials" / "1" / "history.csv")) == 1
     InterruptAtEpochEnd.seen, InterruptAtEpochEnd.at = 0, -1
     tuning.search(tune, base, callbacks=[InterruptAtEpochEnd()])
     return out, base, history_0, InterruptAtEpochEnd.seen
@@ -143,11 +145,13 @@ def test_killed_search_resumes_only_the_unfinished_trial(resumed_search):
     assert epochs_after_resume == 1  # only trial 1's second epoch ran after the resume
     assert (out / "trials" / "0" / "history.csv").read_bytes() == history_0  # trial 0 not re-run
     assert sorted(p.name for p in (out / "trials").iterdir()) == ["0", "1"]
-    history_1 = cb.read_history(out / "trials" / "1" / "history.csv")
+    history_1 = read_history(out / "trials" / "1" / "history.csv")
     assert [row["epoch"] for row in history_1] == [0.0, 1.0]
     summary_1 = configs.read_json(out / "trials" / "1" / "summary.json")
     assert (summary_1["status"], summary_1["resumed_from_epoch"], summary_1["epochs_run"]) == ("finished", 1, 2)
     assert (out / "trials" / "1" / "logs").is_dir()
+    for trial in ("0", "1"):  # each trial opened its run folder as `hnseg train` does, and let go of it
+        assert (out / "trials" / trial / "data.json").is_file() and not (out / "trials" / trial / LOCK_NAME).exists()
     oracle = json.loads((out / "search" / "oracle.json").read_text())
     assert oracle["end_order"] == ["0", "1"] and oracle["ongoing_trials"] == {}
 
@@ -158,8 +162,8 @@ def test_summary_tables_and_best_config_match_the_trial_histories(resumed_search
     assert summary["completed"] == 2 and summary["failed"] == []
     rows = summary["trials"]
     for row in rows:  # best val_dice and epochs straight from each trial's history.csv
-        history = cb.read_history(out / row["run"] / "history.csv")
-        best = cb.best_row(history)
+        history = read_history(out / row["run"] / "history.csv")
+        best = best_row(history)
         assert row["val_dice"] == pytest.approx(best["val_dice"], rel=1e-6)
         assert (row["epochs_run"], row["best_epoch"]) == (2, int(best["epoch"]) + 1)
         trial_config = configs.read_json(out / row["run"] / "config.json")
@@ -169,7 +173,7 @@ def test_summary_tables_and_best_config_match_the_trial_histories(resumed_search
     assert rows[0]["val_dice"] >= rows[1]["val_dice"] and [r["rank"] for r in rows] == [1, 2]
     markdown = (out / "top_trials.md").read_text()
     assert f"| 1 | {rows[0]['trial_id']} | {rows[0]['val_dice']:.4f} | 2 |" in markdown
-    best_config = training.load_config(None, out / "best_config.json")
+    best_config = load_config(None, out / "best_config.json")
     expected = dataclasses.replace(tuning.apply_values(base, rows[0]["values"]), epochs=2,
                                    out=str(out / "best_run"))
     assert best_config == expected
@@ -197,6 +201,18 @@ def test_resume_with_other_settings_is_refused(resumed_search):
         tuning.search(tune, base)
     with pytest.raises(HnsegError, match=r"train\.learning_rate differ"):
         tuning.search(dataclasses.replace(tune, seed=3), dataclasses.replace(base, learning_rate=0.01))
+
+
+def test_a_search_of_an_older_version_with_the_window_twice_resumes(tmp_path):
+    record = {"tune": {"tuner": "random"}, "train": stored_config(preset("S"))}
+    train = record["train"]
+    old = {**record, "train": {**train, "model": {**train["model"], "window": train["augment"]["window"]}}}
+    configs.write_json_atomic(tmp_path / "search_config.json", old)
+    tuning.check_search_folder(tmp_path, record)  # accepted: the two windows agree
+    old["train"]["model"]["window"] = [-100.0, 300.0]
+    configs.write_json_atomic(tmp_path / "search_config.json", old)
+    with pytest.raises(HnsegError, match="model.window=.* differs from augment.window"):
+        tuning.check_search_folder(tmp_path, record)
 
 
 def test_foreign_output_folder_is_refused(tiny_data, tmp_path):
@@ -267,7 +283,7 @@ def test_executions_are_seeded_apart_and_averaged(tiny_data, tmp_path):
     runs = [out / "trials" / "0" / f"execution{k}" for k in (0, 1)]
     seeds = [configs.read_json(run / "config.json")["seed"] for run in runs]
     assert seeds == [0, 1]
-    best = [cb.best_row(cb.read_history(run / "history.csv"))["val_dice"] for run in runs]
+    best = [best_row(read_history(run / "history.csv"))["val_dice"] for run in runs]
     row = configs.read_json(out / "top_trials.json")["trials"][0]
     assert row["val_dice"] == pytest.approx(sum(best) / 2, rel=1e-6)
 
@@ -281,7 +297,7 @@ def test_hyperband_continues_trials_from_their_initial_epoch(tiny_data, tmp_path
     continued = [row for row in rows if row["values"].get("tuner/trial_id")]
     assert continued, "Hyperband's second round continues a trial of its first round"
     for row in continued:
-        history = cb.read_history(out / row["run"] / "history.csv")
+        history = read_history(out / row["run"] / "history.csv")
         start, stop = row["values"]["tuner/initial_epoch"], row["values"]["tuner/epochs"]
         assert [int(r["epoch"]) for r in history] == list(range(start, stop))
     best = rows[0]

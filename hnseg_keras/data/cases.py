@@ -1,14 +1,13 @@
-"""Readers that turn CT cases on disk into one in-memory ``Case``, and writers back to disk.
+"""``Case`` (a CT and its organ masks in memory), ``CaseRef`` (where one lies on disk), ``Reading``
+(how to read it), the image and label-map helpers the layout readers share, and the writers the
+package itself uses (PDDCA folders, label maps).
 
-Sources: a PDDCA case folder (``img.nrrd`` + ``structures/<Name>.nrrd``), an image file
-(NRRD / NIfTI / MHA) with an optional label-map file, or a DICOM CT series folder. Every
-problem with the input becomes a one-line ``HnsegError`` naming the file.
+Finding and reading cases goes through ``layouts`` (one module per input layout). Every problem with
+the input becomes a one-line ``HnsegError`` naming the file.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ import SimpleITK as sitk
 
 from hnseg_keras.data import checks as image_checks
 from hnseg_keras.data import orientation
-from hnseg_keras.data.organs import CATALOGUE, DEFAULT_ORGANS, canonical_name, label_value
+from hnseg_keras.data.organs import CATALOGUE, catalogue_from, definitions
 from hnseg_keras.data.splits import TEST, TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import replace_folder
@@ -85,148 +84,32 @@ class CaseRef:
     series: str | None = None
 
 
-# ----------------------------------------------------------------------------- reading
+@dataclass(frozen=True)
+class Reading:
+    """How to read cases: forced layout, chosen DICOM series, organ catalogue, the user's name map and
+    what to do with oblique image axes (``orientation.OBLIQUE_CHOICES``)."""
+
+    layout: str | None = None
+    series: str | None = None
+    catalogue: Mapping = field(default_factory=lambda: dict(CATALOGUE))
+    organ_map: Mapping = field(default_factory=dict)
+    oblique: str = "refuse"
+
+    def to_job(self) -> dict:
+        """A plain dict for worker processes."""
+        return {"layout": self.layout, "series": self.series, "organ_map": dict(self.organ_map),
+                "definitions": definitions(list(self.catalogue), self.catalogue), "oblique": self.oblique}
+
+    @classmethod
+    def from_job(cls, data: dict) -> Reading:
+        return cls(data["layout"], data["series"], catalogue_from(data["definitions"]), data["organ_map"],
+                   data.get("oblique", "refuse"))
 
 
-def read_case(
-    path: str | os.PathLike,
-    organs: Sequence[str] = DEFAULT_ORGANS,
-    label_map: str | os.PathLike | None = None,
-    labels: Mapping[int | str, str] | str | os.PathLike | None = None,
-    catalogue: Mapping | None = None,
-    known_values: set[int] | None = None,
-    oblique: str = "refuse",
-) -> Case:
-    """Read one case from a PDDCA folder, a DICOM series folder or an image file, in LPS.
-
-    Args:
-        path: PDDCA case folder, DICOM CT series folder, or CT image file (.nrrd/.nii[.gz]/.mha).
-        organs: canonical names to keep; other structures are dropped.
-        label_map: optional label-map file on the CT grid (not with a PDDCA folder).
-        labels: {label value: organ name} dict or JSON file path. Default: catalogue values,
-            and then an organ with no voxel in the label map counts as not annotated; with an
-            explicit map every listed organ counts as annotated (possibly empty).
-        catalogue: organ catalogue (``organs.read_organs_file``); default the built-in one.
-        known_values: every value the label map may hold (0 included); others are an error.
-        oblique: "refuse" or "resample" a CT whose axes are not a permutation of the patient axes.
-    Returns:
-        Case with int16 HU CT and uint8 {0,1} masks for the annotated organs in ``organs``, brought
-        to LPS (``orientation.canonical_case``).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise HnsegError(f"{path}: no such file or folder; give a PDDCA case folder, a DICOM folder or a CT image")
-    if path.is_dir() and ((path / "img.nrrd").exists() or (path / "structures").is_dir()):
-        if label_map is not None:
-            raise HnsegError(f"{path}: a PDDCA case folder carries its own structures; drop the label map")
-        return orientation.canonical_case(_read_pddca(path, organs, catalogue), oblique, str(path))
-    if path.is_dir():
-        ct_image = _read_dicom_series(path)
-        case_id = path.name
-    else:
-        ct_image = _read_image(path)
-        case_id = _strip_suffix(path.name)
-    case = case_from_image(case_id, ct_image, path)
-    if label_map is not None:
-        case.masks = _read_label_map(Path(label_map), ct_image, organs, labels, catalogue, known_values)
-    return orientation.canonical_case(case, oblique, str(path))
+# ----------------------------------------------------------------------------- reading helpers of the layouts
 
 
-def _read_pddca(folder: Path, organs: Sequence[str], catalogue: Mapping | None = None) -> Case:
-    """PDDCA layout; a structure file that is absent means the organ is not annotated."""
-    img_path = folder / "img.nrrd"
-    if not img_path.is_file():
-        raise HnsegError(f"{folder}: case folder has no img.nrrd; add the CT as img.nrrd or remove the folder")
-    ct_image = _read_image(img_path)
-    case = case_from_image(folder.name, ct_image, img_path)
-    found: dict[str, Path] = {}
-    unknown = []
-    structures = folder / "structures"
-    files = sorted(structures.iterdir()) if structures.is_dir() else []
-    for file in files:
-        if not file.is_file() or not file.name.lower().endswith(IMAGE_SUFFIXES):
-            continue
-        name = canonical_name(_strip_suffix(file.name), catalogue)
-        if name is None:
-            unknown.append(file.name)
-        elif name in found:
-            raise HnsegError(f"{file}: a second file for {name} (first: {found[name].name}); keep only one")
-        elif name in organs:
-            found[name] = file
-    if unknown:
-        log.warning("%s: ignoring unknown structure files %s", structures, ", ".join(unknown))
-    for name, file in found.items():
-        mask_image = _read_image(file)
-        _check_same_geometry(mask_image, ct_image, file)
-        case.masks[name] = _binary_mask(sitk.GetArrayFromImage(mask_image), file)
-    return case
-
-
-def _read_label_map(path: Path, ct_image: sitk.Image, organs: Sequence[str], labels,
-                    catalogue: Mapping | None = None, known_values: set[int] | None = None) -> dict[str, np.ndarray]:
-    """Masks from a label map; see ``read_case`` for which organs count as annotated."""
-    explicit = labels is not None
-    value_to_organ = _label_table(labels, organs, catalogue)
-    image = _read_image(path)
-    _check_same_geometry(image, ct_image, path)
-    array = sitk.GetArrayFromImage(image)
-    _check_finite(array, path)
-    if not np.array_equal(array, np.round(array)):
-        raise HnsegError(f"{path}: label map holds non-integer values; save it with integer labels")
-    if array.size and array.min() >= 0 and array.max() < 65536:  # bincount: much faster than unique
-        values = np.nonzero(np.bincount(array.astype(np.int64).ravel()))[0]
-    else:
-        values = np.unique(array).astype(np.int64)
-    present = set(values.tolist()) - {0}
-    if known_values is not None and present - set(known_values):
-        raise HnsegError(f"{path}: holds label value(s) {sorted(present - set(known_values))} that dataset.json does "
-                         "not define; fix the labels in dataset.json or in the label map")
-    unmapped = sorted(v for v in present if v not in value_to_organ)
-    if unmapped:
-        log.warning("%s: ignoring label values %s (not in the label table)", path, unmapped)
-    masks = {}
-    for value, name in value_to_organ.items():
-        if name in organs and (explicit or value in present):
-            masks[name] = (array == value).astype(np.uint8)
-    return {name: masks[name] for name in organs if name in masks}
-
-
-def _label_table(labels, organs: Sequence[str], catalogue: Mapping | None = None) -> dict[int, str]:
-    """{value: canonical organ} from a dict, a JSON file, or the catalogue (None)."""
-    if labels is None:
-        return {label_value(name, catalogue): name for name in organs}
-    source = labels
-    if isinstance(labels, str | os.PathLike):
-        try:
-            labels = json.loads(Path(labels).read_text())
-        except (OSError, ValueError) as error:
-            raise HnsegError(f"{source}: cannot read the JSON label table ({error})") from None
-    if not isinstance(labels, Mapping):
-        raise HnsegError(f"{source}: the label table must be a JSON object {{value: organ name}}")
-    table = {}
-    for key, name in labels.items():
-        canonical = canonical_name(str(name), catalogue)
-        if canonical is None:
-            raise HnsegError(f"{source}: unknown organ {name!r}; known organs: {', '.join(catalogue or CATALOGUE)}")
-        try:
-            table[int(key)] = canonical
-        except ValueError:
-            raise HnsegError(f"{source}: label value {key!r} is not an integer") from None
-    return table
-
-
-def _read_dicom_series(folder: Path) -> sitk.Image:
-    """The checked CT series of a DICOM folder (``dicom.open_patient``), in HU."""
-    from hnseg_keras.data import dicom
-
-    if not dicom.dicom_files(folder, first_only=True):
-        raise HnsegError(
-            f"{folder}: no img.nrrd (PDDCA case) and no DICOM files found; give a case folder or a DICOM CT folder"
-        )
-    return dicom.read_ct(dicom.open_patient(folder))
-
-
-def _read_image(path: Path) -> sitk.Image:
+def read_image(path: Path) -> sitk.Image:
     """sitk.ReadImage with unreadable / truncated files turned into one-line errors."""
     if not path.is_file():
         raise HnsegError(f"{path}: file not found")
@@ -259,13 +142,73 @@ def case_from_image(case_id: str, image: sitk.Image, path: Path) -> Case:
     )
 
 
+def read_label_map(path: Path, ct_image: sitk.Image, table: Mapping[int, str], organs: Sequence[str],
+                   known_values: set[int]) -> dict[str, np.ndarray]:
+    """{organ: uint8 mask} from a label map on the CT's grid, in ``organs`` order.
+
+    ``table`` maps label values to organs (nnU-Net's dataset.json): every organ it lists counts as
+    annotated, possibly empty. A value outside ``known_values`` (0 included) is an error; a known
+    value the table leaves out is ignored with a warning.
+    """
+    image = read_image(path)
+    check_same_geometry(image, ct_image, path)
+    array = sitk.GetArrayFromImage(image)
+    _check_finite(array, path)
+    if not np.array_equal(array, np.round(array)):
+        raise HnsegError(f"{path}: label map holds non-integer values; save it with integer labels")
+    if array.size and array.min() >= 0 and array.max() < 65536:  # bincount: much faster than unique
+        values = np.nonzero(np.bincount(array.astype(np.int64).ravel()))[0]
+    else:
+        values = np.unique(array).astype(np.int64)
+    present = set(values.tolist()) - {0}
+    if present - set(known_values):
+        raise HnsegError(f"{path}: holds label value(s) {sorted(present - set(known_values))} that dataset.json does "
+                         "not define; fix the labels in dataset.json or in the label map")
+    unmapped = sorted(v for v in present if v not in table)
+    if unmapped:
+        log.warning("%s: ignoring label values %s (not in the label table)", path, unmapped)
+    masks = {name: (array == value).astype(np.uint8) for value, name in table.items() if name in organs}
+    return {name: masks[name] for name in organs if name in masks}
+
+
+def image_information(path: Path) -> tuple[list[int], list[float], tuple[float, ...]]:
+    """(size, spacing, direction) from an image file's header."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise HnsegError(f"{path}: unreadable image header; re-export or re-download it") from None
+    return list(reader.GetSize()), rounded(reader.GetSpacing()), tuple(reader.GetDirection())
+
+
+def stored_orientation(size, spacing, direction, reading: Reading, where) -> str:
+    """The stored orientation ("RAS", ...); an oblique one is refused here unless ``reading`` resamples it."""
+    if len(size) != 3:
+        return "?"
+    storage = orientation.storage_of(tuple(reversed(size)), spacing, (0.0, 0.0, 0.0), direction, reading.oblique,
+                                     str(where))
+    return storage.code
+
+
+def describe_image(path: Path, reading: Reading) -> dict:
+    """What ``layouts.describe`` reports of a CT image file, from its header: no organs yet."""
+    size, spacing, direction = image_information(path)
+    stored = stored_orientation(size, spacing, direction, reading, path)
+    return {"size": size, "spacing_mm": spacing, "orientation": stored, "organs": {}, "unmatched": []}
+
+
+def rounded(values: Sequence[float]) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
+
 def _check_finite(array: np.ndarray, path: Path) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise HnsegError(f"{path}: {bad} NaN/inf voxels; fix or re-export the image")
 
 
-def _binary_mask(array: np.ndarray, path: Path) -> np.ndarray:
+def binary_mask(array: np.ndarray, path: Path) -> np.ndarray:
     """uint8 {0,1} from a 0/1 or 0/255 mask; anything else is an error."""
     _check_finite(array, path)
     foreground = array != 0
@@ -276,7 +219,7 @@ def _binary_mask(array: np.ndarray, path: Path) -> np.ndarray:
     return foreground.astype(np.uint8)
 
 
-def _check_same_geometry(image: sitk.Image, reference: sitk.Image, path: Path) -> None:
+def check_same_geometry(image: sitk.Image, reference: sitk.Image, path: Path) -> None:
     """Raise if ``image`` is not on the voxel grid of the CT ``reference``."""
     if image.GetDimension() != reference.GetDimension() or image.GetSize() != reference.GetSize():
         raise HnsegError(
@@ -294,7 +237,8 @@ def _check_same_geometry(image: sitk.Image, reference: sitk.Image, path: Path) -
             raise HnsegError(f"{path}: {what} {got_text} differs from the CT's {want_text}; resample it onto the CT grid")
 
 
-def _strip_suffix(name: str) -> str:
+def strip_suffix(name: str) -> str:
+    """A file name without its image suffix (``ct.nii.gz`` -> ``ct``): the case id of an image file."""
     for suffix in sorted(IMAGE_SUFFIXES + (".dcm",), key=len, reverse=True):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -306,26 +250,6 @@ def _first_line(error: Exception) -> str:
     return (lines[-1] if lines else type(error).__name__)[:200]
 
 
-def find_cases(root: str | os.PathLike) -> list[CaseRef]:
-    """PDDCA case folders directly under ``root`` or under its train/validation/val/test folders.
-
-    A case folder holds ``img.nrrd`` or ``structures/``. A root that is itself a case folder
-    gives that one case. Ordered: flat cases, then train, validation, val, test, each by folder
-    name; empty if nothing is found.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise HnsegError(f"{root}: not a folder; give the folder that holds the case folders")
-    if _is_case_folder(root):
-        return [CaseRef(root.name, root, None)]
-    refs = [CaseRef(p.name, p, None) for p in sorted(root.iterdir()) if _is_case_folder(p)]
-    for folder_name, split in SPLIT_FOLDERS.items():
-        split_root = root / folder_name
-        if split_root.is_dir():
-            refs += [CaseRef(p.name, p, split) for p in sorted(split_root.iterdir()) if _is_case_folder(p)]
-    return unique_ids(refs)
-
-
 def unique_ids(refs: list) -> list:
     """``refs`` unchanged, or a refusal naming both places of a case id found twice."""
     seen: dict[str, Path] = {}
@@ -334,12 +258,6 @@ def unique_ids(refs: list) -> list:
             raise HnsegError(f"{ref.path}: case id {ref.case_id!r} also at {seen[ref.case_id]}; rename one")
         seen[ref.case_id] = ref.path
     return refs
-
-
-def _is_case_folder(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and (
-        (path / "img.nrrd").is_file() or (path / "structures").is_dir()
-    )
 
 
 # ----------------------------------------------------------------------------- writing
@@ -408,71 +326,3 @@ def write_label_map(
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def write_dicom_series(
-    case: Case, folder: str | os.PathLike, overwrite: bool = False, rescale_slope: float = 1.0
-) -> Path:
-    """Write the CT of ``case`` as a CT Image Storage DICOM series, one file per slice.
-
-    Pixels are stored unsigned with RescaleIntercept = min(-1024, min HU) and the given
-    slope (HU = stored * slope + intercept; HU values are rounded to the slope's grid).
-    Each slice gets ImagePositionPatient from the case geometry and fresh UIDs, so
-    SimpleITK, pydicom and rt-utils read the series back.
-    """
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise HnsegError(f"{folder}: already exists; choose another folder or pass overwrite")
-    ct = case.ct.astype(np.float64)
-    intercept = float(min(-1024.0, ct.min()))
-    stored = np.round((ct - intercept) / rescale_slope)
-    if stored.max() > np.iinfo(np.uint16).max:
-        raise HnsegError(f"case {case.case_id}: HU range too wide for slope {rescale_slope}; use a larger slope")
-    stored = stored.astype("<u2")
-    axes = np.array(case.direction, dtype=np.float64).reshape(3, 3)  # column j = direction of index axis j
-    shared = Dataset()
-    now = datetime.datetime.now()
-    shared.update({
-        "PatientName": case.case_id, "PatientID": case.case_id, "PatientBirthDate": "", "PatientSex": "",
-        "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(),
-        "FrameOfReferenceUID": generate_uid(), "StudyDate": now.strftime("%Y%m%d"),
-        "StudyTime": now.strftime("%H%M%S"), "StudyID": "1", "AccessionNumber": "",
-        "ReferringPhysicianName": "", "SeriesNumber": 1, "Modality": "CT", "Manufacturer": "hnseg-keras",
-        "SeriesDescription": f"CT {case.case_id}", "SOPClassUID": CTImageStorage,
-        "ImageOrientationPatient": [_ds(v) for v in (*axes[:, 0], *axes[:, 1])],
-        "PixelSpacing": [_ds(case.spacing[1]), _ds(case.spacing[0])], "SliceThickness": _ds(case.spacing[2]),
-        "Rows": int(ct.shape[1]), "Columns": int(ct.shape[2]), "SamplesPerPixel": 1,
-        "PhotometricInterpretation": "MONOCHROME2", "BitsAllocated": 16, "BitsStored": 16, "HighBit": 15,
-        "PixelRepresentation": 0, "RescaleIntercept": _ds(intercept), "RescaleSlope": _ds(rescale_slope),
-        "RescaleType": "HU",
-    })
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for k in range(ct.shape[0]):
-            ds = Dataset()
-            ds.update(shared)
-            ds.SOPInstanceUID = generate_uid()
-            ds.InstanceNumber = k + 1
-            position = np.asarray(case.origin) + k * case.spacing[2] * axes[:, 2]
-            ds.ImagePositionPatient = [_ds(v) for v in position]
-            ds.PixelData = stored[k].tobytes()
-            ds.file_meta = FileMetaDataset()
-            ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.save_as(tmp / f"CT{k + 1:04d}.dcm", enforce_file_format=True)
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _ds(value: float) -> str:
-    """A DICOM decimal string (at most 16 characters)."""
-    text = f"{float(value):.10g}"
-    return text if len(text) <= 16 else f"{float(value):.8g}"

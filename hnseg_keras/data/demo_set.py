@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hnseg_keras import configs
-from hnseg_keras.data.phantom import PhantomConfig
-from hnseg_keras.data.prepare import PhantomSource, PrepareConfig, prepare
+from hnseg_keras.data.phantom import PREPARED_INPUT, PhantomConfig, write_phantom
+from hnseg_keras.data.prepare import PrepareConfig, prepare
 from hnseg_keras.data.shards import Manifest
 from hnseg_keras.data.slicing import SlicingConfig
 
@@ -72,14 +73,23 @@ def _deep_merge(base: dict, update: dict) -> dict:
 
 
 def prepare_phantom(settings: PhantomDataConfig) -> Path:
-    """Manifest path of the phantom data set ``settings`` describes, preparing it on first use (resumable)."""
+    """Manifest path of the phantom data set ``settings`` describes, preparing it on first use (resumable).
+
+    The phantom cases are written to ``<folder>/phantom-cases`` and prepared from there like any input.
+    A complete folder is reused as it is, also one prepared by an earlier version; an unfinished one
+    from before the phantom became an input folder (source ``phantom:N``) is rebuilt.
+    """
     identity = configs.to_dict(dataclasses.replace(settings, cache_dir="", workers=0))
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
     folder = Path(settings.cache_dir) / f"phantom-{digest}"
     manifest_path = folder / "manifest.json"
-    if manifest_path.is_file() and Manifest.load(manifest_path).complete:
-        return manifest_path
+    if manifest_path.is_file():
+        manifest = Manifest.load(manifest_path)
+        if manifest.complete:
+            return manifest_path
+        if manifest.source != PREPARED_INPUT:
+            shutil.rmtree(folder)
     print(f"preparing the built-in phantom data set ({settings.cases} cases) in {folder}", file=sys.stderr)
-    prepare(PhantomSource(settings.cases, settings.generator), folder, settings.prepare,
-            workers=max(1, settings.workers))
+    write_phantom(folder / PREPARED_INPUT, settings.cases, settings.generator)
+    prepare(folder / PREPARED_INPUT, folder, settings.prepare, workers=max(1, settings.workers))
     return manifest_path

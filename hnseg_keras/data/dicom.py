@@ -23,7 +23,9 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from hnseg_keras.data import cases, orientation
 from hnseg_keras.data import organs as organ_catalogue
+from hnseg_keras.data.cases import Case, CaseRef, Reading
 from hnseg_keras.errors import HnsegError
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -357,3 +359,56 @@ def new_rtstruct(series):
         return RTStructBuilder.create_new(str(series))
     series_data = sorted((pydicom.dcmread(path) for path in series), key=image_helper.get_slice_position)
     return RTStruct(series_data, ds_helper.create_rtstruct_dataset(series_data))
+
+
+# ----------------------------------------------------------------------------- the dicom layout (``layouts``)
+
+
+def detect(root: Path) -> bool:
+    return bool(dicom_files(root, first_only=True))
+
+
+def find(root: Path, reading: Reading) -> list[CaseRef]:
+    """Patient folders, also under train/ validation/ test/ (their split hint)."""
+    if not root.is_dir():
+        return []
+    split_roots = [(root / name, split) for name, split in cases.SPLIT_FOLDERS.items() if (root / name).is_dir()]
+    refs = []
+    for folder, split in split_roots or [(root, None)]:
+        refs += [CaseRef(p.name, p, split, "dicom", None, reading.series) for p in find_patients(folder)]
+    return refs
+
+
+def describe(ref: CaseRef, reading: Reading) -> dict:
+    """Geometry from the CT headers, the chosen series, and the RTSTRUCT's ROIs matched to organs and checked."""
+    patient = open_patient(ref.path, ref.series, ref.case_id)
+    geometry = patient.geometry
+    info = {"size": list(geometry.size), "spacing_mm": cases.rounded(geometry.spacing),
+            "orientation": cases.stored_orientation(geometry.size, geometry.spacing, geometry.direction, reading,
+                                                    ref.path),
+            "patient_position": geometry.position or None, "series": patient.series.uid, "organs": {},
+            "unmatched": []}
+    if patient.rtstruct is not None:
+        ds = read_rtstruct_dataset(patient.rtstruct)
+        matched, info["unmatched"] = match_rois(patient, ds, reading.catalogue, reading.organ_map)
+        check_contours(patient, ds, matched)
+        info["organs"] = matched
+    return info
+
+
+def read(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
+    """The CT series in HU with the requested organs rasterised from the RTSTRUCT, in LPS."""
+    patient = open_patient(ref.path, ref.series, ref.case_id)
+    case = cases.case_from_image(ref.case_id, read_ct(patient), ref.path)
+    if patient.rtstruct is not None and organs:
+        ds = read_rtstruct_dataset(patient.rtstruct)
+        matched, _ = match_rois(patient, ds, reading.catalogue, reading.organ_map)
+        matched = {organ: name for organ, name in matched.items() if organ in organs}
+        check_contours(patient, ds, matched)
+        masks = read_masks(patient, ds, matched)
+        for organ, mask in masks.items():
+            if mask.shape != case.ct.shape:
+                raise HnsegError(f"{patient.rtstruct}: {organ} mask shape {mask.shape} differs from the CT's "
+                                 f"{case.ct.shape}")
+        case.masks = {organ: masks[organ] for organ in organs if organ in masks}
+    return orientation.canonical_case(case, reading.oblique, str(ref.path))

@@ -8,12 +8,13 @@ those names are matched to organs like RTSTRUCT ROI names. ``imagesTs/`` cases f
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hnseg_keras.data import cases, orientation
 from hnseg_keras.data import organs as organ_catalogue
-from hnseg_keras.data.cases import CaseRef
+from hnseg_keras.data.cases import Case, CaseRef, Reading
 from hnseg_keras.data.splits import TEST
 from hnseg_keras.errors import HnsegError
 
@@ -30,7 +31,7 @@ class Dataset:
     channels: int
 
 
-def is_nnunet(root: Path) -> bool:
+def detect(root: Path) -> bool:
     return root.is_dir() and (root / "dataset.json").is_file() and (
         (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir())
 
@@ -60,8 +61,10 @@ def read_dataset(root: Path) -> Dataset:
     return Dataset(root, table, ending, len(channels) if isinstance(channels, dict) else 1)
 
 
-def find_cases(root: Path) -> list[CaseRef]:
+def find(root: Path, reading: Reading) -> list[CaseRef]:
     """imagesTr cases (split from the user's split rule) and imagesTs cases (split "test")."""
+    if not detect(root):
+        raise HnsegError(f"{root}: not an nnU-Net raw dataset (dataset.json + imagesTr/); drop --layout nnunet")
     dataset = read_dataset(root)
     refs = []
     for images, labels, split in (("imagesTr", "labelsTr", None), ("imagesTs", "labelsTs", TEST)):
@@ -93,3 +96,32 @@ def match_labels(dataset: Dataset, catalogue: Mapping | None = None,
 def value_table(dataset: Dataset, matched: Mapping[str, str]) -> dict[int, str]:
     """{label value: organ} for the matched organs."""
     return {dataset.labels[name]: organ for organ, name in matched.items()}
+
+
+def _labels_of(ref: CaseRef, reading: Reading) -> tuple[Dataset, dict[str, str], list[str]]:
+    """(dataset, {organ: label name}, unmatched label names) of the dataset ``ref`` belongs to."""
+    dataset = read_dataset(ref.path.parent.parent)
+    matched, unmatched = match_labels(dataset, reading.catalogue, reading.organ_map)
+    return dataset, matched, unmatched
+
+
+def describe(ref: CaseRef, reading: Reading) -> dict:
+    """The CT header, the organs dataset.json names, and (reading it) the label map's values checked."""
+    info = cases.describe_image(ref.path, reading)
+    if ref.label is not None:
+        dataset, info["organs"], info["unmatched"] = _labels_of(ref, reading)
+        ct_image = cases.read_image(ref.path)
+        cases.case_from_image(ref.case_id, ct_image, ref.path)  # the CT checks ``read`` makes, before any output
+        cases.read_label_map(ref.label, ct_image, {}, (), set(dataset.labels.values()))
+    return info
+
+
+def read(ref: CaseRef, organs: Sequence[str], reading: Reading) -> Case:
+    """The CT (first channel) with a mask for each requested organ dataset.json names, in LPS."""
+    ct_image = cases.read_image(ref.path)
+    case = cases.case_from_image(ref.case_id, ct_image, ref.path)
+    if ref.label is not None and organs:
+        dataset, matched, _ = _labels_of(ref, reading)
+        table = {value: organ for value, organ in value_table(dataset, matched).items() if organ in organs}
+        case.masks = cases.read_label_map(ref.label, ct_image, table, organs, set(dataset.labels.values()))
+    return orientation.canonical_case(case, reading.oblique, str(ref.path))

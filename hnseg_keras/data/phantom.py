@@ -23,6 +23,10 @@ from hnseg_keras import configs
 from hnseg_keras.data.cases import Case, CaseRef, write_pddca_case
 from hnseg_keras.data.splits import DEFAULT_SPLITS, SPLITS, parse_fractions, split_counts
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.files import LOCK_NAME, FolderLock
+
+# The phantom folder inside a prepare output that was made from it (``hnseg prepare --phantom N``, ``demo_set``).
+PREPARED_INPUT = "phantom-cases"
 
 
 @dataclass(frozen=True)
@@ -423,29 +427,30 @@ def write_phantom(
     counts = split_counts(num_cases, splits) if splits is not None else (num_cases,)
     settings = {"config": configs.to_dict(config), "num_cases": num_cases,
                 "splits": list(splits) if splits is not None else None}
-    _claim_folder(out_dir, settings, overwrite)
     names = [name for name, count in zip(SPLITS, counts, strict=False) for _ in range(count)]
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
     refs = []
-    for index in range(num_cases):
-        case_id = f"phantom_{index:04d}"
-        split = names[index] if splits is not None else None
-        folder = out_dir / split / case_id if split else out_dir / case_id
-        refs.append(CaseRef(case_id, folder, split))
-        if folder.exists() and not overwrite:
-            say(f"phantom {index + 1}/{num_cases} {case_id}: exists, skipped")
-            continue
-        start = time.perf_counter()
-        write_pddca_case(generate_case(index, config), folder, overwrite=overwrite)
-        seconds = time.perf_counter() - start
-        say(f"phantom {index + 1}/{num_cases} {case_id} -> {folder.parent.name} ({seconds:.1f} s)")
+    with FolderLock(out_dir, "hnseg phantom"):  # one writer per folder
+        _claim_folder(out_dir, settings, overwrite)
+        for index in range(num_cases):
+            case_id = f"phantom_{index:04d}"
+            split = names[index] if splits is not None else None
+            folder = out_dir / split / case_id if split else out_dir / case_id
+            refs.append(CaseRef(case_id, folder, split))
+            if folder.exists() and not overwrite:
+                say(f"phantom {index + 1}/{num_cases} {case_id}: exists, skipped")
+                continue
+            start = time.perf_counter()
+            write_pddca_case(generate_case(index, config), folder, overwrite=overwrite)
+            seconds = time.perf_counter() - start
+            say(f"phantom {index + 1}/{num_cases} {case_id} -> {folder.parent.name} ({seconds:.1f} s)")
     return refs
 
 
 def _claim_folder(out_dir: Path, settings: dict, overwrite: bool) -> None:
     """Refuse a non-empty folder written with other settings (or not by us) unless overwrite."""
     record = out_dir / "phantom.json"
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    if any(p.name != LOCK_NAME for p in out_dir.iterdir()) and not overwrite:
         if not record.is_file():
             raise HnsegError(f"{out_dir}: not empty and not a phantom folder; choose an empty --out or pass --overwrite")
         if configs.read_json(record) != settings:

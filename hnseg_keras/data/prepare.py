@@ -1,11 +1,11 @@
-"""``hnseg prepare``: convert CT cases (a folder or the built-in phantom) into TFRecord shards.
+"""``hnseg prepare``: convert a folder of CT cases (any layout ``layouts`` reads) into TFRecord shards.
 
 Output folder layout::
 
     manifest.json                  the data set's index (shards.Manifest), rewritten after each case
     cases/<case>.json              one record per finished case (written after its shards)
     <split>/<case>-NNN.tfrecord.gz GZIP shards, each case in one or more bounded shards
-    phantom-cases/                 generated phantom input (only with --phantom)
+    phantom-cases/                 the phantom folder ``--phantom N`` writes first and then prepares
 
 Resumable: a case counts as finished only once its record exists, and its record is written only
 after all its shards were renamed into place. A rerun verifies finished cases by sha256 and skips
@@ -88,14 +88,6 @@ class PrepareConfig:
             raise HnsegError(f"validation_fraction {self.validation_fraction} must be within 0..1")
 
 
-@dataclass(frozen=True)
-class PhantomSource:
-    """Input that is generated: `num_cases` phantom cases with a `phantom.PhantomConfig`."""
-
-    num_cases: int
-    config: object = None
-
-
 def safe_name(case_id: str) -> str:
     """A file-name-safe version of a case id."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
@@ -144,8 +136,7 @@ def convert_case(job: dict) -> tuple[dict, float]:
     return record.to_dict(), time.perf_counter() - start
 
 
-def _identity(source: str, config: PrepareConfig, split_file: str | None, phantom: dict | None,
-              reading: layouts.Reading) -> dict:
+def _identity(config: PrepareConfig, split_file: str | None, reading: layouts.Reading) -> dict:
     """What must match for a rerun to continue an existing output folder."""
     split_sha = None
     if split_file is not None:
@@ -153,26 +144,39 @@ def _identity(source: str, config: PrepareConfig, split_file: str | None, phanto
     read = {"layout": reading.layout, "series": reading.series, "organ_map": dict(reading.organ_map)}
     if reading.oblique != "refuse":  # only when set: folders prepared before the option stay resumable
         read["oblique"] = reading.oblique
-    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": phantom, "reading": read}
+    # "phantom" is always None now (a phantom is an input folder like any other); the key stays because
+    # earlier versions recorded it, and their unfinished folders must stay resumable.
+    return {"config": configs.to_dict(config), "split_file_sha256": split_sha, "phantom": None, "reading": read}
 
 
-def _check_output(out: Path, source: str, identity: dict):
-    """Refuse an output folder that holds something else; returns its manifest (or None)."""
+def _holds_manifest(out: Path, root: Path) -> bool:
+    """Whether ``out`` is a prepare output already; refuses a file, or a folder that holds something else.
+
+    Before its first manifest the folder may hold the input folder ``root`` itself (``--phantom`` writes
+    its cases to ``<out>/phantom-cases``), unless that has a name prepare writes to.
+    """
     if not out.exists():
-        return None
+        return False
     if not out.is_dir():
         raise HnsegError(f"{out}: exists and is not a folder; choose a new --out")
-    if not (out / "manifest.json").is_file():
-        if any(p.name != LOCK_NAME for p in out.iterdir()):
-            raise HnsegError(f"{out}: exists and is not a prepare output (no manifest.json); choose a new --out")
-        return None
+    if (out / "manifest.json").is_file():
+        return True
+    inside = root.parent == out.resolve() and root.name not in ("cases", *splits.SPLITS)
+    if any(p.name != LOCK_NAME and not (inside and p.name == root.name) for p in out.iterdir()):
+        raise HnsegError(f"{out}: exists and is not a prepare output (no manifest.json); choose a new --out")
+    return False
+
+
+def _check_output(out: Path, source: str, identity: dict, root: Path) -> None:
+    """Refuse an output folder that holds something else or was prepared from another input or configuration."""
+    if not _holds_manifest(out, root):
+        return
     manifest = Manifest.load(out / "manifest.json")
     if manifest.source != source or manifest.prepare != identity:
         differs = sorted(key for key in identity if manifest.prepare.get(key) != identity[key])
         what = ", ".join(differs + (["input"] if manifest.source != source else []))
         raise HnsegError(f"{out}: was prepared from a different input or configuration ({what}); "
                          "choose a new --out")
-    return manifest
 
 
 def _resume_state(out: Path, wanted: dict[str, str]) -> dict[str, CaseRecord]:
@@ -198,16 +202,6 @@ def _resume_state(out: Path, wanted: dict[str, str]) -> dict[str, CaseRecord]:
             if shard.relative_to(out).as_posix() not in keep:
                 shard.unlink()
     return done
-
-
-def _phantom_input(out: Path, source: PhantomSource) -> list:
-    """Generate (or finish generating) the phantom cases in out/phantom-cases; returns their CaseRefs.
-
-    `phantom.write_phantom` writes each case folder atomically and skips finished ones on a rerun.
-    """
-    from hnseg_keras.data import phantom
-
-    return phantom.write_phantom(out / "phantom-cases", source.num_cases, source.config or phantom.PhantomConfig())
 
 
 def _find(root: Path, config: PrepareConfig, reading: layouts.Reading) -> list:
@@ -249,22 +243,10 @@ def _source_name(root: Path, out: Path) -> str:
     return Path(os.path.relpath(root, Path(out).resolve())).as_posix()
 
 
-def _resolve_source(source, config: PrepareConfig, reading: layouts.Reading,
-                    out: Path) -> tuple[str, list | None, dict | None]:
-    """(source text for the manifest, CaseRefs or None for a phantom, phantom config dict)."""
-    if isinstance(source, PhantomSource):
-        if source.num_cases < 1:
-            raise HnsegError(f"--phantom {source.num_cases}: give at least 1 case")
-        config = configs.to_dict(source.config) if source.config is not None else None
-        return f"phantom:{source.num_cases}", None, config
-    root = Path(source).resolve()
-    return _source_name(root, out), _find(root, config, reading), None
-
-
-def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLike,
-            config: PrepareConfig = PrepareConfig(), workers: int = 1, split_file: str | None = None,
-            reading: layouts.Reading | None = None) -> Manifest:
-    """Convert cases into shards + manifest in `out_dir`; resumes a partial run. Returns the Manifest.
+def prepare(source: str | os.PathLike, out_dir: str | os.PathLike, config: PrepareConfig = PrepareConfig(),
+            workers: int = 1, split_file: str | None = None, reading: layouts.Reading | None = None) -> Manifest:
+    """Convert the cases of the input folder ``source`` into shards + manifest in `out_dir`; resumes a partial
+    run. Returns the Manifest.
 
     ``reading`` says how to read the input (layout, DICOM series, organ-name map); its catalogue
     is the config's (built-in organs plus ``extra_organs``).
@@ -274,11 +256,12 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
     """
     out = Path(out_dir)
     reading = dataclasses.replace(reading or layouts.Reading(), catalogue=config.catalogue())
-    source_text, refs, phantom_config = _resolve_source(source, config, reading, out)
+    root = Path(source).resolve()
+    source_text, refs = _source_name(root, out), _find(root, config, reading)
     if split_file is not None and not Path(split_file).is_file():
         raise HnsegError(f"{split_file}: split file not found")
-    identity = _identity(source_text, config, split_file, phantom_config, reading)
-    _check_output(out, source_text, identity)
+    identity = _identity(config, split_file, reading)
+    _check_output(out, source_text, identity, root)
     slicing = config.slicing
     base = Manifest(organs=list(config.organs), slicing=configs.to_dict(slicing),
                     image_shape=[slicing.size, slicing.size, 2 * slicing.neighbours + 1],
@@ -287,11 +270,9 @@ def prepare(source: str | os.PathLike | PhantomSource, out_dir: str | os.PathLik
     created = not out.exists()
     try:
         with FolderLock(out, "hnseg prepare"):  # one writer per --out
-            _check_output(out, source_text, identity)  # again, now that no one else writes there
+            _check_output(out, source_text, identity, root)  # again, now that no one else writes there
             if not (out / "manifest.json").exists():
                 base.save(out / "manifest.json")
-            if refs is None:
-                refs = _phantom_input(out, source)
             assignment, split_rule = splits.assign(refs, config.split_seed, config.validation_fraction,
                                                    config.split_fractions, split_file, config.fold)
             base = dataclasses.replace(base, split_rule=split_rule)
@@ -375,15 +356,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parallel worker processes")
 
 
-def _phantom_config(args: argparse.Namespace):
+def _write_phantom(args: argparse.Namespace) -> Path:
+    """``--phantom N``: write the phantom cases to ``<out>/phantom-cases`` (finished ones are kept on a rerun),
+    the input folder ``prepare`` then reads like any other."""
     from hnseg_keras.data import phantom
 
+    if args.phantom < 1:
+        raise HnsegError(f"--phantom {args.phantom}: give at least 1 case")
     options = list(args.phantom_option)
     for key, value in (("size", args.phantom_size), ("spacing_mm", args.phantom_spacing),
                        ("seed", args.phantom_seed)):
         if value is not None:
             options.append(f"{key}={value}")
-    return configs.replace_from_overrides(phantom.PhantomConfig(), options)
+    generator = configs.replace_from_overrides(phantom.PhantomConfig(), options)
+    folder = Path(args.out) / phantom.PREPARED_INPUT
+    _holds_manifest(Path(args.out), folder.resolve())  # refuse a foreign --out before writing into it
+    phantom.write_phantom(folder, args.phantom, generator)
+    return folder
 
 
 def run(args: argparse.Namespace) -> int:
@@ -399,9 +388,7 @@ def run(args: argparse.Namespace) -> int:
     config = PrepareConfig(organs=resolve_organs(args.organs, reading.catalogue), slicing=slicing,
                            shard_max_mb=args.shard_mb, split_seed=args.seed, fold=args.fold,
                            split_fractions=splits.parse_fractions(args.split_fractions), extra_organs=extra)
-    source = args.input
-    if args.phantom is not None:
-        source = PhantomSource(args.phantom, _phantom_config(args))
+    source = args.input if args.phantom is None else _write_phantom(args)
     manifest = prepare(source, args.out, config, workers=args.workers, split_file=args.split_file, reading=reading)
     counts = ", ".join(f"{name} {split['cases']} cases / {split['slices']} slices"
                        for name, split in manifest.splits.items() if split["cases"])

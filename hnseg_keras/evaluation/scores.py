@@ -20,6 +20,7 @@ Definitions (also written into results.json):
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -199,6 +200,7 @@ def seed2d_dice(pred: np.ndarray, gt: np.ndarray) -> float:
 # ---------------------------------------------------------------- predictions on disk ----
 
 PRED_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+QA_SUFFIX = ".qa.json"  # hnseg predict's record beside each label map (inference/batch.output_paths)
 
 
 def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
@@ -211,15 +213,34 @@ def find_prediction(pred_dir: Path, case_id: str) -> Path | None:
     return found[0] if found else None
 
 
-def _read_on_grid(path: Path, case) -> np.ndarray:
-    """Array [Z, Y, X] of an image file in LPS, after checking it lies on the ground-truth CT's (LPS) grid.
+def predicted_organs(pred_dir: Path, case_id: str, pred_path: Path, catalogue=None) -> set[str]:
+    """Catalogue organs one prediction covers: its structure files; for a label map the model's organs that
+    ``hnseg predict`` recorded in ``<case>.qa.json`` beside it, else the organs whose label occurs in it.
 
-    Both sides are compared in LPS (``orientation``), so a prediction stored RAS is scored against a
-    ground truth stored LPS voxel for voxel, as long as both cover the same physical grid.
+    The model's list also counts an organ predicted empty in this case, which the labels alone would miss.
     """
+    from hnseg_keras.data.cases import IMAGE_SUFFIXES
+
+    known = organ_catalogue.CATALOGUE if catalogue is None else catalogue
+    if pred_path.is_dir():
+        files = [f for f in (pred_path / "structures").iterdir() if f.name.lower().endswith(IMAGE_SUFFIXES)]
+        return {organ_catalogue.canonical_name(f.name.split(".")[0], known) for f in files} - {None}
+    record = pred_dir / f"{case_id}{QA_SUFFIX}"
+    if record.is_file():
+        try:
+            return set(organ_catalogue.resolve_organs(json.loads(record.read_text())["organs"], known))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise HnsegError(f"{record}: no organ list to read ({error}); pass --organs (with --organs-file "
+                             "for organs of your own)") from None
     import SimpleITK as sitk
 
-    from hnseg_keras.data import cases, orientation
+    values = set(np.unique(sitk.GetArrayFromImage(_read_image(pred_path))).tolist())
+    return {name for name, organ in known.items() if organ.label in values}
+
+
+def _read_image(path: Path):
+    """The SimpleITK image of a scalar 3D image file; one line naming the file when it is none."""
+    import SimpleITK as sitk
 
     try:
         image = sitk.ReadImage(str(path))
@@ -228,6 +249,18 @@ def _read_on_grid(path: Path, case) -> np.ndarray:
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise HnsegError(f"{path}: prediction must be a scalar 3D image (got {image.GetDimension()}D, "
                          f"{image.GetNumberOfComponentsPerPixel()} components)")
+    return image
+
+
+def _read_on_grid(path: Path, case) -> np.ndarray:
+    """Array [Z, Y, X] of an image file in LPS, after checking it lies on the ground-truth CT's (LPS) grid.
+
+    Both sides are compared in LPS (``orientation``), so a prediction stored RAS is scored against a
+    ground truth stored LPS voxel for voxel, as long as both cover the same physical grid.
+    """
+    from hnseg_keras.data import cases, orientation
+
+    image = _read_image(path)
     resampled = case.storage is not None and case.storage.resampled
     array, storage = orientation.canonical_image(image, "resample" if resampled else "refuse", str(path))
     checks = (
@@ -305,10 +338,15 @@ def _evaluate_one(task: tuple) -> tuple[str, dict, float]:
 def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: str = "3d",
              workers: int = 1, allow_missing: bool = False, reading=None) -> dict:
     """Evaluate every ground-truth case under ``gt_root`` (any layout, ``layouts.Reading``) against
-    ``pred_dir``; the results.json dict."""
+    ``pred_dir``; the results.json dict.
+
+    ``organs`` None scores what was predicted (``predicted_organs`` of any case) where the ground truth
+    annotates it, so the organ list is never typed twice; a given list is scored as given.
+    """
     reading = reading or layouts.Reading()
     catalogue = reading.catalogue
-    pred_dir, organs = Path(pred_dir), organ_catalogue.resolve_organs(organs, catalogue)
+    chosen = organs is not None
+    pred_dir, organs = Path(pred_dir), organ_catalogue.resolve_organs(organs, catalogue) if chosen else ()
     if protocol not in ("3d", "seed2d"):
         raise HnsegError(f"protocol {protocol!r} is unknown; use 3d or seed2d")
     if not pred_dir.is_dir():
@@ -317,25 +355,38 @@ def evaluate(pred_dir, gt_root, organs: Sequence[str] | None = None, protocol: s
             and not (ref.layout == "nnunet" and ref.label is None)]
     if not refs:
         raise HnsegError(f"{gt_root}: no ground-truth cases with contours found")
-    tasks, missing = [], []
-    for ref in refs:
-        pred_path = find_prediction(pred_dir, ref.case_id)
-        if pred_path is None:
-            missing.append(ref.case_id)
-        else:
-            tasks.append((ref.case_id, ref, pred_path, organs, protocol, reading))
+    found = [(ref, find_prediction(pred_dir, ref.case_id)) for ref in refs]
+    missing = [ref.case_id for ref, pred_path in found if pred_path is None]
     if missing and not allow_missing:
         raise HnsegError(f"{pred_dir}: no prediction for {len(missing)} case(s): {', '.join(missing)}; "
                          "predict them or pass --allow-missing")
-    if not tasks:
+    found = [(ref, pred_path) for ref, pred_path in found if pred_path is not None]
+    if not found:
         raise HnsegError(f"{pred_dir}: no prediction matches a ground-truth case id under {gt_root}")
+    organs = organs if chosen else _organs_of_predictions(pred_dir, found, catalogue)
+    tasks = [(ref.case_id, ref, pred_path, organs, protocol, reading) for ref, pred_path in found]
     per_case = _run_tasks(tasks, workers)
+    if not chosen:  # scored: the predicted organs the ground truth annotates
+        organs = tuple(organ for organ in organs if any(organ in metrics for metrics in per_case.values()))
+        if not organs:
+            raise HnsegError(f"{gt_root}: annotates none of the predicted organs; check --gt, or choose with "
+                             "--organs")
     return {
         "schema_version": 1, "pred_dir": str(pred_dir), "gt_root": str(gt_root), "protocol": protocol,
         "organs": list(organs), "missing_predictions": missing, "definitions": DEFINITIONS,
         "tolerances_mm": {o: catalogue[o].tolerance_mm for o in organs},
         "summary": summarize(per_case, organs, protocol, catalogue), "cases": per_case,
     }
+
+
+def _organs_of_predictions(pred_dir: Path, found: list, catalogue) -> tuple[str, ...]:
+    """Every organ some prediction covers, in catalogue order: a case lacking one of them scores it missed."""
+    covered = set().union(*(predicted_organs(pred_dir, ref.case_id, pred_path, catalogue)
+                            for ref, pred_path in found))
+    if not covered:
+        raise HnsegError(f"{pred_dir}: the predictions hold no organ of the catalogue (no structure files, "
+                         f"{QA_SUFFIX} records or known labels); choose with --organs")
+    return tuple(name for name in catalogue if name in covered)
 
 
 def _run_tasks(tasks: list[tuple], workers: int) -> dict[str, dict]:
@@ -391,7 +442,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pred", required=True, help="prediction folder: <case>/structures/*.nrrd or <case>.nrrd")
     parser.add_argument("--gt", required=True, help="ground truth: PDDCA case folders (splits allowed), a DICOM tree "
                         "with RTSTRUCTs or an nnU-Net raw dataset")
-    parser.add_argument("--organs", nargs="+", default=None, help="organs to evaluate (default: the nine PDDCA)")
+    parser.add_argument("--organs", nargs="+", default=None,
+                        help="organs to evaluate (default: those predicted that the ground truth annotates; "
+                             "from each label map's <case>.qa.json, else its labels, or the structure files)")
     parser.add_argument("--protocol", choices=("3d", "seed2d"), default="3d",
                         help="seed2d adds the seed paper's per-slice 2D Dice beside the 3D metrics")
     parser.add_argument("--out", default=None, help="output folder (default: PRED/evaluation)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import sys
@@ -51,6 +52,7 @@ from hnseg_keras.inference.rtstruct import write_rtstruct
 from hnseg_keras.progress import Progress
 
 FORMATS = ("nrrd", "nii.gz")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,9 @@ def run(args: argparse.Namespace) -> int:
     if args.organs:
         args.organs = chosen_organs(args.organs, predictor)
     if predictor.spacing_unknown():
-        print(f"hnseg predict: warning: {predictor.source} was trained on each CT's own in-plane spacing but does "
-              "not record which (made before this was recorded); CTs are segmented at their own spacing, which is "
-              "right only near the training data's. Retrain, or re-export the run, to record it", file=sys.stderr)
+        log.warning("%s was trained on each CT's own in-plane spacing but does not record which (made before this "
+                    "was recorded); CTs are segmented at their own spacing, which is right only near the training "
+                    "data's. Retrain, or re-export the run, to record it", predictor.source)
     with FolderLock(out_dir, "hnseg predict"):
         remove_dead_staging(out_dir)
         failures = predict_all(todo, predictor, out_dir, args)
@@ -307,10 +309,10 @@ def report_qa(flagged: list[tuple[str, list[str]]], done: int) -> None:
     if not flagged:
         print(f"predict: QA passed on all {done} case(s) (left/right side, volume, empty, pieces)", file=sys.stderr)
         return
-    print(f"predict: warning: QA failed on {len(flagged)} of {done} case(s); check these contours before use "
-          "(details in <case>.qa.json):", file=sys.stderr)
+    log.warning("QA failed on %d of %d case(s); check these contours before use (details in <case>.qa.json)",
+                len(flagged), done)
     for case_id, texts in flagged:
-        print(f"  {case_id}: {'; '.join(texts)}", file=sys.stderr)
+        log.warning("QA %s: %s", case_id, "; ".join(texts))
 
 
 def predict_one(item: CaseInput, predictor: Predictor, out_dir: Path, args, label: str):

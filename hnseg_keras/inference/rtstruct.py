@@ -6,7 +6,7 @@ required attribute or references a CT it cannot find.
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +22,7 @@ from hnseg_keras.files import atomic_path
 if TYPE_CHECKING:
     from hnseg_keras.inference.prediction import Segmentation
 
+log = logging.getLogger(__name__)
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 _REFERENCED_IMAGES = ("ReferencedFrameOfReferenceSequence/RTReferencedStudySequence/"
                       "RTReferencedSeriesSequence/ContourImageSequence")
@@ -275,6 +276,6 @@ def series_z_indices(series_data: Sequence, case: Case) -> np.ndarray:
         raise HnsegError(f"case {case.case_id}: DICOM slice positions repeat; keep one CT series per "
                          "folder")
     if not np.isclose(case.spacing[0], case.spacing[1], rtol=1e-4):
-        print(f"hnseg predict: warning: case {case.case_id} has non-square pixels {case.spacing[:2]}; "
-              "rt-utils assumes square pixels, so check the RTSTRUCT contours", file=sys.stderr)
+        log.warning("case %s has non-square pixels %s; rt-utils assumes square pixels, so check the RTSTRUCT "
+                    "contours", case.case_id, case.spacing[:2])
     return np.asarray(order)

@@ -3,7 +3,7 @@
 A SavedModel is a TensorFlow graph: loading and calling it runs whatever ops it holds (file
 writes included), so a SavedModel is executable code and is only loaded after every file of it
 matched the sha256 that ``export`` stored in ``metadata.json``. A ``.keras`` file is loaded in Keras
-safe mode (no Python lambdas are deserialised); its sha256 is checked too when the metadata lists it.
+safe mode (no Python lambdas are deserialised); beside a ``metadata.json`` its sha256 is checked too.
 The hashes detect damage and edits of the model files; they are not a signature (whoever can edit
 the folder can edit ``metadata.json`` as well), so keep export folders where only you can write.
 """
@@ -43,15 +43,11 @@ def verify_export(folder: str | os.PathLike, metadata: dict, saved_model: bool, 
     """Refuse (one line naming the file) an export whose model files differ from metadata.json's sha256.
 
     ``saved_model``: the SavedModel will be loaded, so every file under it must be listed and match,
-    and nothing may be added. Otherwise only ``model_file`` is checked; a bare ``.keras`` file with
-    metadata but no hashes (``scripts/train_arrays.py``) is accepted, since safe mode loads it.
+    and nothing may be added. Otherwise only ``model_file`` is checked.
     """
     folder = Path(folder)
     root = folder.resolve()
     listed = metadata.get(FILES_KEY)
-    is_export = "saved_model" in metadata or listed is not None
-    if not is_export and not saved_model:
-        return
     if not isinstance(listed, dict) or not listed:
         raise HnsegError(f"{folder / 'metadata.json'}: records no sha256 of the model files (an older or "
                          f"edited export); {REEXPORT}")

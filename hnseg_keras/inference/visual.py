@@ -62,7 +62,7 @@ def view_tile(ct, masks, organs, view: str, index: int, spacing, tile: int, wind
 
 
 def case_preview(ct: np.ndarray, masks: np.ndarray, organs: Sequence[str], spacing, title: str = "",
-                 per_view: int = 4, tile: int = TILE_PX, window=render.SOFT_TISSUE_WINDOW):
+                 per_view: int = 4, tile: int = TILE_PX, window=render.DISPLAY_WINDOW):
     """PIL image: rows of axial, coronal and sagittal tiles with a legend.
 
     ct: HU [Z, Y, X]; masks: bool [O, Z, Y, X] in the order of ``organs``; spacing (x, y, z) mm.

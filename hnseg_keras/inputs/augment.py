@@ -21,7 +21,8 @@ from keras import ops
 
 from hnseg_keras.errors import HnsegError
 
-# The soft-tissue window of the paper, the one default of the augmentation, the model and the renderers.
+# The soft-tissue window of the paper: the one default of the augmentation and the model (pictures use
+# render.DISPLAY_WINDOW, a viewing choice).
 HU_WINDOW: tuple[float, float] = (-155.0, 195.0)
 # Plain clip used when no window is set: the int16 HU range a CT can hold.
 HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
@@ -38,7 +39,8 @@ class AugmentConfig:
 
     Attributes:
         window: HU window (low, high) the image is clipped to (soft tissue, as in the paper); None
-            clips to the plain HU range ``HU_RANGE`` instead.
+            clips to the plain HU range ``HU_RANGE`` instead. The one window of a training config:
+            the model's first layer is built with it too.
         crop_size: side of the random square crop in pixels (280 -> 256 in the paper); None: no crop.
         warp_probability: chance per sample of a geometric warp (0 switches warps off).
         elastic: allow the elastic deformation.
@@ -65,6 +67,16 @@ class AugmentConfig:
     grid_distort_limit: float = 0.3
     mixup: bool = True
     mixup_alpha: float = 0.2
+
+    def __post_init__(self):
+        check_window(self.window, "augment.window")
+
+
+def check_window(window, what: str) -> None:
+    """Refuse a HU window that is not ``(low, high)`` with low < high (None, the plain HU range, passes)."""
+    if window is not None and not (len(window) == 2 and window[0] < window[1]):
+        raise HnsegError(f"{what}={list(window)}: give (low, high) HU with low < high, or null for the plain "
+                         "HU range")
 
 
 # ----------------------------------------------------------------------------- seeds

@@ -3,8 +3,8 @@
 The dataset yields raw ``(batch, seed)`` pairs (float32 batch dict at the slice size, int32 [2]
 seed) and the train step crops, warps, mixes and packs them before the forward pass, so that work
 runs where the step runs instead of on host threads. ``keras.ops`` only: the same step serves
-``hnseg train`` (tf.data, TensorFlow) and ``scripts/train_arrays.py`` (numpy batches, JAX on the
-GPU machine).
+``hnseg train`` on shards (tf.data, TensorFlow) and on an ``hnseg arrays`` file (``arrays.RawBatches``,
+numpy batches, also under JAX).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Masked, mixup-aware segmentation losses on the packed target of ``targets.py``.
+"""The masked, mixup-aware segmentation loss (focal + Dice + boundary) on the packed target of ``targets.py``.
 
-Every loss takes ``y_true`` [B, H, W, 4O+1] (see ``targets.pack_targets``) and ``y_pred`` = per-organ
-sigmoid probabilities [B, H, W, O], and is reduced the same way:
+``SegmentationLoss`` takes ``y_true`` [B, H, W, 4O+1] (see ``targets.pack_targets``) and ``y_pred`` =
+per-organ sigmoid probabilities [B, H, W, O]; its weighted sum of terms is reduced this way:
 
 - a per-(sample, organ) term ``L[b, o]`` is computed for the first target and for the mixup partner;
 - per sample and target, the mean over the organs annotated in that target: ``l_t[b]``;
@@ -74,7 +74,7 @@ def boundary_terms(p, dist_maps):
 def masked_mixup_contributions(term_fn, y_true, y_pred, num_organs: int):
     """Reduce ``term_fn(p, masks, dist_maps) -> [B, O]`` as described in the module docstring.
 
-    ``y_true`` may carry one extra channel (the Keras sample weight, see ``_MaskedLoss.__call__``).
+    ``y_true`` may carry one extra channel (the Keras sample weight, see ``SegmentationLoss.__call__``).
     Returns per-sample contributions [B] whose mean is the loss.
     """
     y_true = ops.cast(y_true, "float32")
@@ -103,80 +103,13 @@ def _organ_mean(terms, annotated):
     return ops.divide_no_nan(ops.sum(masked, axis=-1), count), count
 
 
-class _MaskedLoss(keras.losses.Loss):
-    """Base: masked, mixup-aware reduction; subclasses define ``_terms(p, masks, dist_maps)``."""
-
-    def __init__(self, num_organs: int, name: str | None = None):
-        super().__init__(name=name, reduction="sum_over_batch_size")
-        self.num_organs = int(num_organs)
-
-    def __call__(self, y_true, y_pred, sample_weight=None):
-        if sample_weight is not None:
-            # Fold the per-sample weight into the masked mean: append it as one more target channel.
-            y_true = ops.cast(y_true, "float32")
-            plane = ops.ones_like(y_true[..., :1]) * ops.reshape(
-                ops.cast(sample_weight, "float32"), (-1, 1, 1, 1)
-            )
-            y_true = ops.concatenate([y_true, plane], axis=-1)
-        return super().__call__(y_true, y_pred)
-
-    def call(self, y_true, y_pred):
-        return masked_mixup_contributions(self._terms, y_true, y_pred, self.num_organs)
-
-    def _terms(self, p, masks, dist_maps):
-        raise NotImplementedError
-
-    def get_config(self):
-        return {"num_organs": self.num_organs, "name": self.name}
-
-
 @keras.saving.register_keras_serializable(package="hnseg_keras")
-class FocalLoss(_MaskedLoss):
-    """Masked mixup-aware focal loss (mean over pixels, then over annotated pairs)."""
-
-    def __init__(self, num_organs: int, gamma: float = 2.0, name: str = "focal"):
-        super().__init__(num_organs, name=name)
-        self.gamma = float(gamma)
-
-    def _terms(self, p, masks, dist_maps):
-        return focal_terms(p, masks, self.gamma)
-
-    def get_config(self):
-        return {**super().get_config(), "gamma": self.gamma}
-
-
-@keras.saving.register_keras_serializable(package="hnseg_keras")
-class SoftDiceLoss(_MaskedLoss):
-    """Masked mixup-aware soft Dice loss, per sample and organ, averaged over annotated pairs."""
-
-    def __init__(self, num_organs: int, smooth: float = 1.0, name: str = "soft_dice"):
-        super().__init__(num_organs, name=name)
-        self.smooth = float(smooth)
-
-    def _terms(self, p, masks, dist_maps):
-        return dice_terms(p, masks, self.smooth)
-
-    def get_config(self):
-        return {**super().get_config(), "smooth": self.smooth}
-
-
-@keras.saving.register_keras_serializable(package="hnseg_keras")
-class BoundaryLoss(_MaskedLoss):
-    """Masked mixup-aware boundary loss: mean over pixels of p * signed distance (pixels)."""
-
-    def __init__(self, num_organs: int, name: str = "boundary"):
-        super().__init__(num_organs, name=name)
-
-    def _terms(self, p, masks, dist_maps):
-        return boundary_terms(p, dist_maps)
-
-
-@keras.saving.register_keras_serializable(package="hnseg_keras")
-class SegmentationLoss(_MaskedLoss):
+class SegmentationLoss(keras.losses.Loss):
     """``focal_weight * focal + dice_weight * dice + boundary_weight * scale * boundary``.
 
-    All three terms share one masked, mixup-aware reduction. ``scale`` is a non-trainable variable:
-    1 when ``boundary_ramp_epochs`` is 0; otherwise ``BoundaryRamp`` sets it to
+    All three terms share one masked, mixup-aware reduction (the module docstring); a weight of 0 drops a
+    term, so one term alone is this loss with the other weights at 0. ``scale`` is a non-trainable
+    variable: 1 when ``boundary_ramp_epochs`` is 0; otherwise ``BoundaryRamp`` sets it to
     ``min(1, (epoch + 1) / boundary_ramp_epochs)`` at the start of each epoch (it starts at the
     epoch-0 value), so the boundary term grows linearly as Kervadec et al. recommend.
     """
@@ -192,7 +125,8 @@ class SegmentationLoss(_MaskedLoss):
         smooth: float = 1.0,
         name: str = "segmentation_loss",
     ):
-        super().__init__(num_organs, name=name)
+        super().__init__(name=name, reduction="sum_over_batch_size")
+        self.num_organs = int(num_organs)
         self.focal_weight = float(focal_weight)
         self.dice_weight = float(dice_weight)
         self.boundary_weight = float(boundary_weight)
@@ -209,6 +143,19 @@ class SegmentationLoss(_MaskedLoss):
             return 1.0
         return min(1.0, (epoch + 1) / self.boundary_ramp_epochs)
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:
+            # Fold the per-sample weight into the masked mean: append it as one more target channel.
+            y_true = ops.cast(y_true, "float32")
+            plane = ops.ones_like(y_true[..., :1]) * ops.reshape(
+                ops.cast(sample_weight, "float32"), (-1, 1, 1, 1)
+            )
+            y_true = ops.concatenate([y_true, plane], axis=-1)
+        return super().__call__(y_true, y_pred)
+
+    def call(self, y_true, y_pred):
+        return masked_mixup_contributions(self._terms, y_true, y_pred, self.num_organs)
+
     def _terms(self, p, masks, dist_maps):
         total = 0.0
         if self.focal_weight:
@@ -222,7 +169,8 @@ class SegmentationLoss(_MaskedLoss):
 
     def get_config(self):
         return {
-            **super().get_config(),
+            "num_organs": self.num_organs,
+            "name": self.name,
             "focal_weight": self.focal_weight,
             "dice_weight": self.dice_weight,
             "boundary_weight": self.boundary_weight,

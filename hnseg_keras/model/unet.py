@@ -3,8 +3,10 @@
 Architecture (read ``build_unet`` top to bottom):
 
 - input ``ct`` [B, H, W, C] float32 raw HU, C = 1 (2D) or 2k+1 (2.5D, centre slice at k);
-- ``hu_window``: clip to the soft-tissue window, then ``(x - mean) / std`` with the training statistics,
-  so exported models and prediction feed raw HU;
+- ``hu_window``: clip to the HU window, then ``(x - mean) / std`` with the training statistics, so
+  exported models and prediction feed raw HU. The window is not part of ``UNetConfig``: it is the
+  training input's (``AugmentConfig.window``), handed to ``build_unet`` when the model is built, so one
+  value decides what the pipeline clips to and what the model clips to;
 - encoder: level 0 at full resolution, levels 1..n-1 each start with a stride-2 residual unit
   (strided 3x3 conv, 1x1 stride-2 projection shortcut), ``units_per_level`` units per level;
 - decoder: 2x2 transposed conv (x2 up-sampling), concatenation with the encoder skip, 1x1 fuse conv
@@ -28,9 +30,8 @@ import keras
 from keras import layers, ops
 
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inputs.augment import HU_RANGE, HU_WINDOW
+from hnseg_keras.inputs.augment import HU_RANGE, HU_WINDOW, check_window
 
-# Full CT range when no window is set: air to the top of the 12-bit scanner range.
 NORMS = ("batch", "instance", "none")
 
 
@@ -52,9 +53,9 @@ class UNetConfig:
         kernel_size: spatial size of the 3x3-type convs.
         norm: "batch", "instance" or "none".
         dropout: spatial dropout rate after each activation inside residual units (0 = none).
-        window: (low, high) HU clip; None clips to the full CT range (-1024, 3071).
-        hu_mean, hu_std: HU statistics of the clipped training images (set by training from the
-            manifest); None uses the window's midpoint and half-width, i.e. maps the window to [-1, 1].
+        hu_mean, hu_std: HU statistics of the training images clipped to the window the model is built
+            with (set by training from the manifest); None uses the window's midpoint and half-width,
+            i.e. maps the window to [-1, 1].
         name: Keras model name.
     """
 
@@ -66,7 +67,6 @@ class UNetConfig:
     kernel_size: int = 3
     norm: str = "batch"
     dropout: float = 0.0
-    window: tuple[float, float] | None = HU_WINDOW
     hu_mean: float | None = None
     hu_std: float | None = None
     name: str = "unet"
@@ -83,9 +83,6 @@ class UNetConfig:
                f"kernel_size={self.kernel_size}: must be odd, e.g. 3")
         _check(self.norm in NORMS, f"norm={self.norm!r}: choose one of {NORMS}")
         _check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout}: must be in [0, 1)")
-        if self.window is not None:
-            _check(len(self.window) == 2 and self.window[0] < self.window[1],
-                   f"window={self.window}: give (low, high) HU with low < high, or null for none")
         _check(self.hu_std is None or self.hu_std > 0, f"hu_std={self.hu_std}: must be > 0")
 
     @property
@@ -93,9 +90,12 @@ class UNetConfig:
         """Image height and width must be multiples of this (2 ** number of down-samplings)."""
         return 2 ** (len(self.filters) - 1)
 
-    def normalization(self) -> tuple[tuple[float, float], float, float]:
-        """``(clip range, mean, std)`` in HU that the first layer applies."""
-        low, high = self.window if self.window is not None else HU_RANGE
+    def normalization(self, window: tuple[float, float] | None = HU_WINDOW
+                      ) -> tuple[tuple[float, float], float, float]:
+        """``(clip range, mean, std)`` in HU that the first layer applies for the HU ``window``
+        (None: the full CT range ``HU_RANGE``)."""
+        check_window(window, "window")
+        low, high = window if window is not None else HU_RANGE
         mean = self.hu_mean if self.hu_mean is not None else (low + high) / 2.0
         std = self.hu_std if self.hu_std is not None else (high - low) / 2.0
         return (float(low), float(high)), float(mean), float(std)
@@ -123,13 +123,16 @@ def variant_config(name: str, **overrides) -> UNetConfig:
     return dataclasses.replace(VARIANTS[key], **overrides)
 
 
-def build_unet(config: UNetConfig, image_size: int | tuple[int, int] | None = None) -> keras.Model:
+def build_unet(config: UNetConfig, image_size: int | tuple[int, int] | None = None,
+               window: tuple[float, float] | None = HU_WINDOW) -> keras.Model:
     """Build the residual U-Net.
 
     Args:
-        config: the architecture and the input normalisation.
+        config: the architecture and the input statistics.
         image_size: optional static (H, W) (or one int for square); None accepts any size that is a
             multiple of ``config.size_multiple`` (checked when the shape is known at call time).
+        window: (low, high) HU the first layer clips to, the training input's window (training passes
+            ``AugmentConfig.window``); None clips to the full CT range (-1024, 3071).
 
     Returns:
         A functional model ``ct`` [B, H, W, C] float32 HU -> ``probabilities`` [B, H, W, O] in [0, 1].
@@ -137,7 +140,7 @@ def build_unet(config: UNetConfig, image_size: int | tuple[int, int] | None = No
     height, width = _static_size(image_size, config.size_multiple)
     ct = keras.Input((height, width, config.input_channels), dtype="float32", name="ct")
     x = SpatialSizeCheck(config.size_multiple, name="size_check")(ct)
-    clip_range, mean, std = config.normalization()
+    clip_range, mean, std = config.normalization(window)
     x = HUWindowNormalize(clip_range, mean, std, dtype="float32", name="hu_window")(x)
 
     skips = []

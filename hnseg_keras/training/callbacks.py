@@ -1,17 +1,14 @@
-"""Training callbacks and run-folder helpers (state, history.csv, summary.json) of ``training.train``.
+"""The callbacks of ``trainer.fit_run``; the files they write are the run folder's (``run_folder.py``).
 
 Resuming: ``BackupAndRestore`` restores weights, optimizer state (learning rate included) and the
-epoch; the helpers here restore what it does not, from ``history.csv``: the best ``val_dice`` seen
-(so ``best.keras`` is not overwritten by a worse resumed epoch) and the plateau counter of
-``ReduceLROnPlateau``.
+epoch; ``ResumableReduceLROnPlateau`` and ``BestCheckpoint`` take what it does not from the run's
+``history.csv`` (the plateau counter, the best ``val_dice`` seen, so ``best.keras`` is not overwritten
+by a worse resumed epoch).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,134 +16,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from hnseg_keras import configs, render
-from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import LOCK_NAME, atomic_path, temp_name
+from hnseg_keras import render
 from hnseg_keras.inputs.augment import HU_WINDOW
 from hnseg_keras.inputs.targets import unpack_targets
 from hnseg_keras.progress import bar, clock_time, format_seconds
-
-# ----------------------------------------------------------------------------- history.csv
-
-
-def read_history(path: str | os.PathLike) -> list[dict[str, float]]:
-    """Rows of a CSVLogger file as dicts of floats (``epoch`` 0-based); [] when missing."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open(newline="") as handle:
-        rows = []
-        for row in csv.DictReader(handle):
-            rows.append({key: _float(value) for key, value in row.items() if key})
-        return rows
-
-
-def _float(text: str | None) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def trim_history(path: str | os.PathLike, epochs: int) -> None:
-    """Keep only rows of epochs < ``epochs`` (a kill between the CSV row and the backup repeats an epoch)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        lines = list(csv.reader(handle))
-    if not lines:
-        return
-    header, rows = lines[0], lines[1:]
-    column = header.index("epoch") if "epoch" in header else 0
-    kept = [row for row in rows if row and _float(row[column]) < epochs]
-    if len(kept) == len(rows):
-        return
-    with atomic_path(path) as temp, temp.open("w", newline="") as handle:
-        csv.writer(handle).writerows([header, *kept])
-
-
-def backup_epoch(backup_dir: str | os.PathLike) -> int:
-    """Epochs completed according to a BackupAndRestore folder (0 when there is no backup)."""
-    path = Path(backup_dir) / "training_metadata.json"
-    if not path.is_file():
-        return 0
-    try:
-        return int(configs.read_json(path).get("epoch", 0))
-    except (AttributeError, TypeError, ValueError):
-        return 0
-
-
-def best_row(history: list[dict[str, float]], monitor: str = "val_dice") -> dict[str, float] | None:
-    """The row with the highest finite ``monitor`` (the first one on ties), or None."""
-    rows = [row for row in history if math.isfinite(row.get(monitor, math.nan))]
-    return max(rows, key=lambda row: row[monitor]) if rows else None
-
-
-# ----------------------------------------------------------------------------- run folder
-
-
-def check_run_folder(run: Path, resolved: dict) -> str:
-    """``"new"``, ``"resume"`` (unfinished run of the same config) or ``"finished"`` (same config, done).
-
-    Raises HnsegError for a folder of something else or of a run with a different configuration.
-    """
-    if not run.exists():
-        return "new"
-    if not run.is_dir():
-        raise HnsegError(f"{run}: exists and is not a folder; choose another --out")
-    if not (run / "config.json").is_file():
-        if any(p.name != LOCK_NAME for p in run.iterdir()):
-            raise HnsegError(f"{run}: is not empty and holds no training run (no config.json); choose another --out")
-        return "new"
-    stored = configs.read_json(run / "config.json")
-    summary = configs.read_json(run / "summary.json") if (run / "summary.json").is_file() else {}
-    finished = summary.get("status") == "finished"
-    differs = _differences(stored, resolved)
-    if differs:
-        state = "a finished" if finished else "an unfinished"
-        raise HnsegError(f"{run}: holds {state} run of a different config ({', '.join(differs[:4])} differ); "
-                         "choose another --out or delete that folder")
-    return "finished" if finished else "resume"
-
-
-def _differences(stored, wanted, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (``out`` is ignored: a run folder may be moved)."""
-    if not isinstance(stored, dict) or not isinstance(wanted, dict):
-        return [] if stored == wanted else [prefix.rstrip(".") or "config"]
-    found = []
-    for key in sorted(set(stored) | set(wanted)):
-        if not prefix and key == "out":
-            continue
-        found += _differences(stored.get(key), wanted.get(key), f"{prefix}{key}.")
-    return found
-
-
-def write_summary(run: Path, epochs: int, status: str, session_seconds: float, extra: dict) -> dict:
-    """Write ``summary.json`` from ``history.csv``: best val_dice (overall and per organ), times."""
-    history = read_history(run / "history.csv")
-    best = best_row(history) or {}
-    organs = extra.get("organs", [])
-    summary = {
-        "status": status,
-        "epochs": epochs,
-        "epochs_run": len(history),
-        **extra,
-        "best_epoch_index": int(best["epoch"]) if best else None,
-        "best_val_dice": best.get("val_dice"),
-        "best_val_dice_per_organ": {name: best.get(f"val_dice_{name}") for name in organs},
-        "max_val_dice_per_organ": {
-            name: max((row.get(f"val_dice_{name}", math.nan) for row in history), default=None)
-            for name in organs
-        },
-        "final_val_dice": history[-1].get("val_dice") if history else None,
-        "train_time_s": sum(row.get("epoch_time_s", 0.0) for row in history),
-        "session_wall_time_s": session_seconds,
-    }
-    summary = json.loads(json.dumps(summary), parse_constant=lambda _: None)  # NaN -> null
-    configs.write_json_atomic(run / "summary.json", summary)
-    return summary
-
+from hnseg_keras.training.run_folder import save_model_atomic
 
 # ----------------------------------------------------------------------------- callbacks
 
@@ -221,7 +95,7 @@ class TrainProgress(keras.callbacks.ProgbarLogger):
     Args:
         budget: wall-time budget in seconds (``max_train_minutes``), or None.
         clock: the run's ``TrainingClock`` (elapsed time as the budget counts it); tests pass a fake.
-        best: best ``history.csv`` row of the epochs before a resume (``best_row``), or None.
+        best: best ``history.csv`` row of the epochs before a resume (``run_folder.best_row``), or None.
         stream: where lines go (stderr by default).
         interactive: redraw a bar within the epoch; default: whether ``stream`` is a terminal.
         wall_clock: seconds since the epoch, for the expected end's clock time.
@@ -353,7 +227,7 @@ class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
     """ReduceLROnPlateau whose ``best`` and ``wait`` continue from earlier epochs of a resumed run.
 
     Args:
-        history: rows of ``history.csv`` of the epochs already done (``read_history``).
+        history: rows of ``history.csv`` of the epochs already done (``RunFolder.history``).
         other arguments: those of ``keras.callbacks.ReduceLROnPlateau``.
     """
 
@@ -438,18 +312,6 @@ def _pick_slices(dataset, num_organs: int, count: int, scan_batches: int):
     order = np.argsort(-organs_present, kind="stable")[:count]
     order.sort()
     return x[order].astype(np.float32), mask[order]
-
-
-def save_model_atomic(model: keras.Model, path: str | os.PathLike) -> Path:
-    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename into place."""
-    path = Path(path)
-    temp = temp_name(path).with_suffix(".keras")  # per process; Keras insists on the suffix
-    try:
-        model.save(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    return path
 
 
 class BestCheckpoint(keras.callbacks.Callback):

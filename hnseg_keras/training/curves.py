@@ -1,4 +1,4 @@
-"""``training_curves.png`` in the run folder: how training is going, without starting TensorBoard.
+"""The run folder's training curves (``RunFolder.curves_file``): how training goes, without TensorBoard.
 
 Three panels over the epochs: training and validation loss, validation Dice per organ (each in
 its catalogue colour, the mean in black) and the learning rate (log scale). Redrawn from
@@ -18,9 +18,7 @@ from pathlib import Path
 import keras
 
 from hnseg_keras.render import organ_colour, save_figure
-from hnseg_keras.training.callbacks import read_history
-
-FILE_NAME = "training_curves.png"
+from hnseg_keras.training.run_folder import read_history
 
 
 def _series(history: list[dict[str, float]], key: str) -> tuple[list[int], list[float]]:

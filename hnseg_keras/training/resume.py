@@ -1,24 +1,26 @@
-"""Resume from a damaged epoch backup: fall back to the previous one, or start over, and say so.
+"""The files inside a run folder's ``backup/`` (Keras' format): read them, and resume from a damaged one.
 
 Keras' ``BackupAndRestore(double_checkpoint=True)`` keeps ``latest.weights.h5`` +
 ``training_metadata.json`` and the previous epoch's pair as ``*.bkp``. Keras falls back to the
 ``.bkp`` pair only when the weights fail to load; a truncated ``training_metadata.json`` stops
-every resume with a JSON error. ``repair_backup`` runs before ``fit``: it restores the newest
-readable pair, or moves a wholly damaged backup aside so the run starts again from epoch 0.
+every resume with a JSON error. ``RunFolder.resume_epoch`` runs ``repair_backup`` before ``fit``: it
+restores the newest readable pair, or moves a wholly damaged backup aside so the run starts again
+from epoch 0, and ``read_pair`` then tells the epoch the run resumes after.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import atomic_path
 
+log = logging.getLogger(__name__)
 WEIGHTS = "latest.weights.h5"
 METADATA = "training_metadata.json"
 PREVIOUS = ".bkp"
@@ -41,8 +43,8 @@ def read_pair(backup: Path, suffix: str = "") -> int | None:
         return None
 
 
-def repair_backup(backup_dir: str | os.PathLike, log=print) -> str | None:
-    """Make the newest readable backup the current one; returns what was done (also on stderr), or None."""
+def repair_backup(backup_dir: str | os.PathLike) -> str | None:
+    """Make the newest readable backup the current one; returns what was done (also logged as a warning), or None."""
     backup = Path(backup_dir)
     if not (backup / METADATA).exists() and not (backup / WEIGHTS).exists():
         return None
@@ -55,14 +57,14 @@ def repair_backup(backup_dir: str | os.PathLike, log=print) -> str | None:
             if source.exists():
                 with atomic_path(backup / name) as temp:
                     shutil.copyfile(source, temp)
-        message = (f"warning: {backup}: the newest epoch backup is damaged; resuming from the previous one "
+        message = (f"{backup}: the newest epoch backup is damaged; resuming from the previous one "
                    f"(after epoch {previous})")
     else:
         aside = backup.with_name(f"{backup.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
         os.replace(backup, aside)
-        message = (f"warning: {backup}: both epoch backups are damaged (moved to {aside.name}); "
+        message = (f"{backup}: both epoch backups are damaged (moved to {aside.name}); "
                    "training starts again from epoch 0")
-    log(message, file=sys.stderr, flush=True)
+    log.warning(message)
     return message
 
 

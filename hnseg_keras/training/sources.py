@@ -132,7 +132,7 @@ class ArrayData:
     def hu_stats(self, window) -> tuple[float, float]:
         if window is None or tuple(window) != self.arrays.window:
             raise HnsegError(f"{self.path}: planes are stored over the HU window {list(self.arrays.window)}; set "
-                             f"augment.window and model.window to it (got {window}) or rewrite it with "
+                             f"augment.window to it (got {window}) or rewrite it with "
                              "`hnseg arrays --window LOW HIGH`")
         return float(self.arrays.meta["hu_mean"]), float(self.arrays.meta["hu_std"])
 

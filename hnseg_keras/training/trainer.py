@@ -1,18 +1,9 @@
 """``hnseg train``: fit the residual U-Net on prepared data (shards or an arrays file) into a run folder.
 
-Run folder::
-
-    config.json        the resolved TrainConfig (model normalisation filled in from the data)
-    data.json          organs, organ definitions, slicing, image shape, normalisation, data folder name
-    history.csv        one row per epoch (CSVLogger; ``epoch`` is 0-based), resumed runs append
-    best.keras         model of the best ``val_dice`` so far
-    final.keras        model after the last epoch (interrupted.keras after Ctrl-C)
-    summary.json       status, epochs run, best val_dice overall and per organ, training time
-    logs/              TensorBoard: train/ and validation/ scalars, images/ with contour overlays
-    backup/            BackupAndRestore state while a run is unfinished (removed when it finishes)
-
-A killed run resumes where it stopped when the same command is run again; a folder holding a
-different configuration is refused.
+``train`` resolves the config for the data, opens the run folder (``run_folder.RunFolder``: its files,
+checks and resume state) and runs ``fit_run``, the one training loop, which ``hnseg tune`` trials run
+too. A killed run resumes where it stopped when the same command is run again; a folder holding a
+different configuration is refused. The config and its presets are ``config.py``'s.
 """
 
 from __future__ import annotations
@@ -21,182 +12,29 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 
-from hnseg_keras import configs
 from hnseg_keras.data.splits import TRAIN, VALIDATION
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.files import FolderLock, portable_path
-from hnseg_keras.inference import model_io
-from hnseg_keras.inputs.augment import HU_RANGE, AugmentConfig, check_crop
-from hnseg_keras.inputs.batching import PipelineConfig
+from hnseg_keras.files import portable_path
+from hnseg_keras.inputs.augment import HU_RANGE, check_crop
 from hnseg_keras.inputs.train_step import augment_in_train_step, augmenter
 from hnseg_keras.model.losses import BoundaryRamp, SegmentationLoss
 from hnseg_keras.model.metrics import dice_metrics
-from hnseg_keras.model.unet import UNetConfig, build_unet, variant_config
+from hnseg_keras.model.unet import build_unet
 from hnseg_keras.training import callbacks as cb
-from hnseg_keras.training import curves, distributed, resume
+from hnseg_keras.training import curves, distributed
+from hnseg_keras.training.config import (
+    TrainConfig,
+    load_config,  # noqa: F401  (tests/test_verify.py, tests/test_openkbp_profile.py import it from here)
+    stored_config,
+)
+from hnseg_keras.training.run_folder import FINISHED, RunFolder, best_row, time_spent
 from hnseg_keras.training.sources import open_data
-
-VARIANT_NAMES = ("S", "M", "L")
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Weights of ``losses.SegmentationLoss``: focal + Dice (+ boundary, optionally ramped over epochs)."""
-
-    focal_weight: float = 1.0
-    dice_weight: float = 1.0
-    boundary_weight: float = 0.0
-    boundary_ramp_epochs: int = 0
-
-
-LR_SCHEDULES = ("plateau", "cosine")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on; ``config.json`` of a run folder is this, resolved.
-
-    Attributes:
-        variant: model preset name (S, M, L) the config started from.
-        model: U-Net architecture; ``num_organs``, ``input_channels``, ``hu_mean`` and ``hu_std`` are
-            set from the data at train time.
-        augment, pipeline: training input (window, crop, warps, mixup; tf.data settings).
-        loss: loss weights.
-        epochs, learning_rate: Adam and the schedule (the batch size is ``pipeline.batch_size``,
-            the global batch under a distribution strategy).
-        lr_schedule: ``"plateau"`` (the paper's ReduceLROnPlateau on ``val_dice``: ``lr_factor`` after
-            ``lr_patience`` epochs without gain) or ``"cosine"`` (half-cosine from ``learning_rate`` to
-            1 % of it over the run: over ``max_train_minutes`` of wall time when set, else over
-            ``epochs``; a fixed budget is best spent ending at a small step, and the final model is
-            then the one to keep without choosing an epoch on validation data).
-        lr_factor, lr_patience: the plateau schedule's settings.
-        ema_momentum: keep an exponential moving average of the weights (Adam's ``use_ema``) with this
-            momentum per step, validate and checkpoint it, and end with it in ``final.keras``; it
-            smooths out the swing of the last steps of a short run. None: plain weights.
-        max_train_minutes: wall-time budget counted from the start of ``train`` (earlier sessions of a
-            resumed run count with their epoch times); training stops after the epoch that would
-            otherwise end past it. None: ``epochs`` alone decides.
-        data: manifest.json (or its folder) of prepared shards, or an ``hnseg arrays`` .npz file
-            (None: the command line prepares the built-in phantom and fills this in).
-        out: run folder; None gives ``runs/<data name>-<variant>``.
-        seed: weight initialisation seed (``pipeline.seed`` drives data order and augmentation).
-        mixed_precision: train with the ``mixed_float16`` policy (GPU; float32 output layer).
-        deterministic: TensorFlow's op determinism (``enable_op_determinism``), for bit-for-bit repeats on
-            one machine where an op would otherwise pick a thread-order-dependent kernel (GPUs); slower.
-        steps_per_epoch: training batches per epoch; None = train slices // pipeline.batch_size.
-        validation_steps: validation batches per epoch; None = the whole validation split.
-        image_slices: validation slices drawn with contours into TensorBoard each epoch.
-    """
-    variant: str = "M"
-    model: UNetConfig = field(default_factory=lambda: variant_config("M"))
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    epochs: int = 200
-    learning_rate: float = 1e-3
-    lr_schedule: str = "plateau"
-    lr_factor: float = 0.5
-    lr_patience: int = 10
-    ema_momentum: float | None = None
-    max_train_minutes: float | None = None
-    data: str | None = None
-    out: str | None = None
-    seed: int = 0
-    mixed_precision: bool = False
-    deterministic: bool = False
-    steps_per_epoch: int | None = None
-    validation_steps: int | None = None
-    image_slices: int = 4
-
-    def __post_init__(self):
-        if str(self.variant).upper() not in VARIANT_NAMES:
-            raise HnsegError(f"variant {self.variant!r} is unknown; choose one of {', '.join(VARIANT_NAMES)}")
-        for name in ("epochs", "lr_patience", "steps_per_epoch", "validation_steps"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise HnsegError(f"train config: {name}={value!r} must be a positive integer")
-        if not isinstance(self.learning_rate, int | float) or not self.learning_rate > 0:
-            raise HnsegError(f"train config: learning_rate={self.learning_rate!r} must be a positive number")
-        if not 0 < self.lr_factor < 1:
-            raise HnsegError(f"train config: lr_factor={self.lr_factor!r} must be in (0, 1)")
-        ema = self.ema_momentum
-        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, int | float) or not 0 < ema < 1):
-            raise HnsegError(f"train config: ema_momentum={ema!r} must be in (0, 1) or null (e.g. 0.99)")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise HnsegError(f"train config: lr_schedule={self.lr_schedule!r} is unknown; "
-                             f"choose one of {', '.join(LR_SCHEDULES)}")
-        minutes = self.max_train_minutes
-        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, int | float)
-                                    or not minutes > 0):
-            raise HnsegError(f"train config: max_train_minutes={minutes!r} must be a positive number or null")
-
-
-# ----------------------------------------------------------------------------- presets and loading
-
-
-def preset(variant: str) -> TrainConfig:
-    """The paper's L (focal + Dice, no mixup) and M (focal + Dice + boundary, weighted mixup), and S.
-
-    L and M train 200 epochs on 280 -> 256 px slices as in the paper; S is the CPU demo (small
-    U-Net, small phantom slices, few epochs).
-    """
-    key = str(variant).strip().upper()
-    if key not in VARIANT_NAMES:
-        raise HnsegError(f"--variant {variant!r} is unknown; choose one of {', '.join(VARIANT_NAMES)}")
-    if key == "L":
-        return TrainConfig(variant="L", model=variant_config("L"), augment=AugmentConfig(mixup=False),
-                           loss=LossConfig(1.0, 1.0, 0.0, 0))
-    if key == "M":
-        return TrainConfig(variant="M", model=variant_config("M"), augment=AugmentConfig(mixup=True),
-                           loss=LossConfig(1.0, 1.0, 0.01, 20))
-    return TrainConfig(variant="S", model=variant_config("S"), augment=AugmentConfig(crop_size=64, mixup=False),
-                       loss=LossConfig(1.0, 1.0, 0.0, 0), epochs=30, lr_schedule="cosine", ema_momentum=0.99,
-                       pipeline=PipelineConfig(batch_size=8, shuffle_buffer=256, cache="memory",
-                                               rare_organ_repeats=4))
-
-
-def load_config(variant: str | None = None, config: str | os.PathLike | dict | None = None,
-                overrides: list[str] | tuple[str, ...] = (), where: str | None = None) -> TrainConfig:
-    """Resolve a TrainConfig: variant preset <- config (a partial JSON file, or its dict read already,
-    named ``where`` in errors) <- ``key=value`` overrides. The variant is ``variant`` if given, else
-    the config's ``"variant"``, else S."""
-    data, where = (config, where) if isinstance(config, dict) else ({}, config)
-    if config is not None and not isinstance(config, dict):
-        data = configs.read_json(config)
-        if not isinstance(data, dict):
-            raise HnsegError(f"{config}: a train config must be a JSON object, e.g. {{\"epochs\": 10}}")
-    base = configs.to_dict(preset(variant or data.get("variant") or "S"))
-    merged = _merge(base, {**data, "variant": base["variant"]}, str(where))
-    try:
-        return configs.replace_from_overrides(configs.from_dict(TrainConfig, merged), list(overrides))
-    except HnsegError as error:
-        prefix = f"{where}: " if where is not None and not overrides else ""
-        raise HnsegError(f"{prefix}{error}") from None
-    except (TypeError, ValueError) as error:
-        raise HnsegError(f"{where or 'overrides'}: invalid train config ({error})") from None
-
-
-def _merge(base: dict, update: dict, where: str, prefix: str = "") -> dict:
-    """Deep-merge ``update`` into a copy of ``base``; unknown keys raise HnsegError."""
-    merged = dict(base)
-    for key, value in update.items():
-        if key not in base:
-            raise HnsegError(f"{where}: unknown key {prefix + key!r}; accepted: {sorted(base)}")
-        if isinstance(base[key], dict) and isinstance(value, dict):
-            merged[key] = _merge(base[key], value, where, f"{prefix}{key}.")
-        else:
-            merged[key] = value
-    return merged
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -207,9 +45,6 @@ def resolve_for_data(config: TrainConfig, data) -> TrainConfig:
     if not data.slices(VALIDATION) and config.lr_schedule == "plateau":
         raise HnsegError(f"{data.path}: holds no validation split, which the plateau schedule watches; pass "
                          "--set lr_schedule=cosine")
-    if config.model.window != config.augment.window:
-        raise HnsegError(f"model.window={config.model.window} differs from augment.window="
-                         f"{config.augment.window}; set both to the same HU window")
     size = check_crop(config.augment.crop_size, data.image_shape[:2])[0]
     if size % config.model.size_multiple:
         raise HnsegError(f"augment.crop_size={config.augment.crop_size}: the training slices must be a multiple of "
@@ -218,22 +53,13 @@ def resolve_for_data(config: TrainConfig, data) -> TrainConfig:
     if data.slices(TRAIN) < batch:
         raise HnsegError(f"{data.path}: {data.slices(TRAIN)} train slices are fewer than the batch size {batch}; "
                          "lower --batch-size")
-    mean, std = data.hu_stats(config.model.window)
+    mean, std = data.hu_stats(config.augment.window)
     model = dataclasses.replace(
         config.model, num_organs=len(data.organs), input_channels=int(data.image_shape[-1]),
         hu_mean=config.model.hu_mean if config.model.hu_mean is not None else round(float(mean), 4),
         hu_std=config.model.hu_std if config.model.hu_std is not None else round(float(std), 4),
     )
     return dataclasses.replace(config, model=model, data=str(data.path))
-
-
-def describe_data(config: TrainConfig, data) -> dict:
-    """The run's ``data.json``: what export and prediction need to know about the training data."""
-    model = config.model
-    normalisation = {"window": list(model.window) if model.window else None, "hu_mean": model.hu_mean,
-                     "hu_std": model.hu_std}
-    return model_io.data_description(data.organs, data.slicing, data.image_shape, normalisation, data.name,
-                                     data.sha256, data.organ_definitions, data.training_geometry)
 
 
 def default_out(config: TrainConfig) -> Path:
@@ -265,20 +91,14 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
     data.verify()  # size + sha256 of the shards, before anything is written
     config = dataclasses.replace(resolve_for_data(config, data), out=str(out))
     chief, task = distributed.worker_identity(strategy)
-    # Every worker runs the same saving code (reading variables may need all of them); only the chief's
-    # files land in the run folder, the others write to a sibling scratch folder removed at the end
-    # (kept after a kill, so each worker resumes from its own backup).
-    run = out if chief else out.with_name(f".{out.name}.worker-{task}")
-    resolved = stored_config(config)
-    state = cb.check_run_folder(run, resolved)
-    if chief:
-        print(json.dumps(resolved, indent=2), flush=True)
-    if state == "finished":
-        print(f"{run}: this configuration already finished training there (summary.json); "
-              "use another --out to train again", file=sys.stderr)
-        return run
-    with FolderLock(run, "hnseg train"):  # one writer per run folder
-        write_run_files(run, resolved, describe_data(config, data))
+    run = RunFolder.of_worker(out, chief, task)
+    with run.open(config, data, "hnseg train") as state:
+        if chief:
+            print(json.dumps(stored_config(config), indent=2), flush=True)
+        if state == FINISHED:
+            print(f"{run}: this configuration already finished training there ({run.summary_file.name}); "
+                  "use another --out to train again", file=sys.stderr)
+            return run.path
         keras.utils.set_random_seed(config.seed)
         if config.deterministic:
             _enable_op_determinism()
@@ -288,32 +108,18 @@ def train(config: TrainConfig, callbacks: list | None = None) -> Path:
         fit_run(config, model, run, data, list(callbacks or []), batches=batches, started=started,
                 strategy=strategy, chief=chief)
     if not chief:
-        shutil.rmtree(run, ignore_errors=True)
-    return run
+        run.discard()
+    return run.path
 
 
-def stored_config(config: TrainConfig) -> dict:
-    """``config`` as ``config.json`` holds it: ``data`` and ``out`` without the machine's folders
-    (:func:`files.portable_path`); a run given an absolute ``--data`` needs ``--data`` again to be rerun."""
-    return configs.to_dict(dataclasses.replace(config, data=portable_path(config.data, 2),
-                                               out=portable_path(config.out)))
-
-
-def write_run_files(run: Path, resolved: dict, description: dict) -> None:
-    """``config.json`` and ``data.json``: the run folder describes itself from its first epoch on."""
-    run.mkdir(parents=True, exist_ok=True)
-    configs.write_json_atomic(run / "config.json", resolved)
-    configs.write_json_atomic(run / model_io.DATA_FILE, description)
-
-
-def fit_run(config: TrainConfig, model, run: Path, data, extra_callbacks: list = (), initial_epoch: int = 0, *,
-            batches=None, started: float | None = None, strategy=None, chief: bool = True) -> None:
+def fit_run(config: TrainConfig, model, run: RunFolder, data, extra_callbacks: list = (), initial_epoch: int = 0,
+            *, batches=None, started: float | None = None, strategy=None, chief: bool = True) -> None:
     """The one training loop (``hnseg train``, every ``hnseg tune`` trial, shards or arrays).
 
-    Fits the compiled ``model`` on ``data``'s batches (``batches`` if already made) into ``run``:
-    device augmentation when asked for, the run's callbacks, then ``BackupAndRestore`` (resumes from
-    ``run/backup``), then ``extra_callbacks``; writes ``final.keras`` and ``summary.json``.
-    ``started`` (monotonic) starts the wall-time budget's clock.
+    Fits the compiled ``model`` on ``data``'s batches (``batches`` if already made) into the opened
+    ``run``: device augmentation when asked for, the run's callbacks, then ``BackupAndRestore``
+    (resumes from the run's backup), then ``extra_callbacks``; writes ``final.keras`` and
+    ``summary.json``. ``started`` (monotonic) starts the wall-time budget's clock.
     """
     multi_worker = distributed.is_multi_worker(strategy)
     organs = list(data.organs)
@@ -321,15 +127,13 @@ def fit_run(config: TrainConfig, model, run: Path, data, extra_callbacks: list =
     augment = augmenter(config.augment, data.organ_weights()) if data.augments_on_device(config) else None
     if augment is not None:
         augment_in_train_step(model, augment, example=example)
-    resume.repair_backup(run / "backup")  # a damaged newest backup: the previous one, or epoch 0 (said on stderr)
-    resumed = cb.backup_epoch(run / "backup")
+    resumed = run.resume_epoch()
     first = max(initial_epoch, resumed)
     if resumed:
         print(f"resuming {run} after epoch {resumed} of {config.epochs}", file=sys.stderr)
-    spent_before = sum(row.get("epoch_time_s", 0.0) for row in cb.read_history(run / "history.csv")
-                       if row.get("epoch", math.inf) < first)
-    callbacks = [*make_callbacks(config, run, model.loss, val_ds, organs, first, cb.TrainingClock(spent_before, started)),
-                 keras.callbacks.BackupAndRestore(str(run / "backup"), double_checkpoint=True), *extra_callbacks]
+    clock = cb.TrainingClock(time_spent(run.history(), before_epoch=first), started)
+    backup = keras.callbacks.BackupAndRestore(str(run.backup_dir), double_checkpoint=True)
+    callbacks = [*make_callbacks(config, run, model.loss, val_ds, organs, first, clock), backup, *extra_callbacks]
     verbose = (1 if sys.stdout.isatty() else 2) if chief else 0
     start = time.perf_counter()
     summary = {"organs": organs, "data": portable_path(data.path, 2), "initial_epoch": first, "resumed_from_epoch": resumed,
@@ -341,27 +145,28 @@ def fit_run(config: TrainConfig, model, run: Path, data, extra_callbacks: list =
                       steps_per_epoch=steps, validation_steps=val_steps, callbacks=callbacks, verbose=verbose,
                       shuffle=False)
     except KeyboardInterrupt:
-        cb.save_model_atomic(model, run / "interrupted.keras")
-        cb.write_summary(run, config.epochs, "interrupted", time.perf_counter() - start, summary)
-        print(f"\ninterrupted: saved {run / 'interrupted.keras'}; run the same command again to resume "
+        saved = run.save_model(model, "interrupted")
+        run.write_summary(config.epochs, "interrupted", time.perf_counter() - start, summary)
+        print(f"\ninterrupted: saved {saved}; run the same command again to resume "
               "from the last finished epoch", file=sys.stderr)
         raise
-    cb.save_model_atomic(model, run / "final.keras")
+    run.save_model(model, "final")
     budget = next((c for c in callbacks if isinstance(c, cb.WallTimeBudget)), None)
     summary["stopped_by_budget"] = budget is not None and budget.stopped_epoch is not None
-    cb.write_summary(run, config.epochs, "finished", time.perf_counter() - start, summary)
+    run.write_summary(config.epochs, "finished", time.perf_counter() - start, summary)
 
 
 def build_compiled_model(config: TrainConfig, organs: list[str]):
     """The U-Net compiled with Adam, the masked SegmentationLoss and the Dice metrics.
 
     ``config`` must be resolved for the data (``resolve_for_data``); call inside a strategy scope.
+    The model's first layer clips to the training input's window (``augment.window``).
     """
     policy = keras.mixed_precision.global_policy()
     try:
         if config.mixed_precision:
             keras.mixed_precision.set_global_policy("mixed_float16")
-        model = build_unet(config.model)
+        model = build_unet(config.model, window=config.augment.window)
         loss = SegmentationLoss(config.model.num_organs, **dataclasses.asdict(config.loss))
         ema = config.ema_momentum
         optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=ema is not None, ema_momentum=ema or 0.99)
@@ -374,7 +179,7 @@ def build_compiled_model(config: TrainConfig, organs: list[str]):
     return model
 
 
-def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial_epoch: int,
+def make_callbacks(config: TrainConfig, run: RunFolder, loss, val_ds, organs, initial_epoch: int,
                    clock: cb.TrainingClock | None = None) -> list:
     """The run's callbacks in order (log-writing ones after those that add log keys).
 
@@ -383,9 +188,9 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
     TensorFlow no TensorBoard logs.
     """
     clock = clock or cb.TrainingClock()
-    cb.trim_history(run / "history.csv", initial_epoch)
-    history = cb.read_history(run / "history.csv")
-    best = cb.best_row(history)
+    run.trim_history(initial_epoch)
+    history = run.history()
+    best = best_row(history)
     budget = None if config.max_train_minutes is None else 60.0 * config.max_train_minutes
     if config.lr_schedule == "cosine":
         schedule = cb.CosineSchedule(config.learning_rate, config.epochs, budget, clock)
@@ -394,11 +199,11 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
                                                  patience=config.lr_patience, verbose=1)
     averaged = [cb.AveragedWeights()] if config.ema_momentum is not None else []
     validation = [] if val_ds is None else [
-        cb.BestCheckpoint(run / "best.keras", "val_dice", best["val_dice"] if best else -math.inf),
-        cb.ValidationImages(val_ds, organs, run / "logs" / "images", count=config.image_slices,
+        cb.BestCheckpoint(run.model_file("best"), "val_dice", best["val_dice"] if best else -math.inf),
+        cb.ValidationImages(val_ds, organs, run.images_dir, count=config.image_slices,
                             window=config.augment.window or HU_RANGE),
     ]
-    tensorboard = [keras.callbacks.TensorBoard(str(run / "logs"), write_graph=False, profile_batch=0)]
+    tensorboard = [keras.callbacks.TensorBoard(str(run.logs_dir), write_graph=False, profile_batch=0)]
     return [
         cb.TrainProgress(budget, clock, best),  # first: its epoch line comes before the others' messages
         cb.EpochTimer(),
@@ -409,8 +214,8 @@ def make_callbacks(config: TrainConfig, run: Path, loss, val_ds, organs, initial
         *validation,
         *(average.back_to_raw() for average in averaged),
         *(tensorboard if _has_tensorflow() else []),
-        keras.callbacks.CSVLogger(str(run / "history.csv"), append=True),
-        curves.TrainingCurves(run / "history.csv", run / curves.FILE_NAME, organs),
+        keras.callbacks.CSVLogger(str(run.history_file), append=True),
+        curves.TrainingCurves(run.history_file, run.curves_file, organs),
     ]
 
 

@@ -37,14 +37,15 @@ from hnseg_keras import configs
 from hnseg_keras.data.splits import VALIDATION
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import FolderLock, write_text_atomic
-from hnseg_keras.training import callbacks as cb
 from hnseg_keras.training import distributed
 from hnseg_keras.training import trainer as training
+from hnseg_keras.training.config import TrainConfig, single_window, stored_config
+from hnseg_keras.training.run_folder import FINISHED, RunFolder, best_row
 from hnseg_keras.training.sources import open_data
-from hnseg_keras.training.trainer import TrainConfig
 
 TUNERS = ("bayesian", "random", "hyperband")
 OBJECTIVE = "val_dice"  # maximised; the loss's scale depends on the tuned weights
+TRIALS_DIR = "trials"  # one run folder per trial inside the search folder
 
 
 @dataclass(frozen=True)
@@ -217,16 +218,16 @@ class LossWeightHyperModel(keras_tuner.HyperModel):
         execution = self._executions[trial_id]
         self._executions[trial_id] += 1
         run = trial_folder(self.out, trial_id, execution, self.tune.executions_per_trial)
-        config = execution_config(apply_values(self.base, hp.values), execution, int(epochs or self.epochs), run)
-        resolved = training.stored_config(config)
+        config = execution_config(apply_values(self.base, hp.values), execution, int(epochs or self.epochs),
+                                  run.path)
         try:
-            if cb.check_run_folder(run, resolved) != "finished":
-                if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
-                    model.set_weights(build_compiled_model(config, self.organs).get_weights())
-                training.write_run_files(run, resolved, training.describe_data(config, self.data))
-                _write_hparams(run / "logs", tuned_fields(config), f"{trial_id}/{execution}")
-                # the loop `hnseg train` runs; KerasTuner's callbacks after the training ones
-                training.fit_run(config, model, run, self.data, callbacks, initial_epoch)
+            with run.open(config, self.data, "hnseg tune") as state:  # as `hnseg train` opens its run
+                if state != FINISHED:
+                    if execution and "tuner/trial_id" not in hp.values:  # not a Hyperband continuation
+                        model.set_weights(build_compiled_model(config, self.organs).get_weights())
+                    _write_hparams(run.logs_dir, tuned_fields(config), f"{trial_id}/{execution}")
+                    # the loop `hnseg train` runs; KerasTuner's callbacks after the training ones
+                    training.fit_run(config, model, run, self.data, callbacks, initial_epoch)
         except HnsegError as error:  # a config or data problem fails every trial alike: stop the search
             raise SearchStopped(str(error)) from None
         return trial_result(run)
@@ -253,10 +254,10 @@ def _trial_id(callbacks: list) -> str:
     raise HnsegError("LossWeightHyperModel.fit runs inside a KerasTuner search (no trial callback found)")
 
 
-def trial_folder(out: Path, trial_id: str, execution: int, executions: int) -> Path:
+def trial_folder(out: Path, trial_id: str, execution: int, executions: int) -> RunFolder:
     """``<out>/trials/<trial_id>``, or ``.../execution<k>`` when a trial has several executions."""
-    folder = Path(out) / "trials" / str(trial_id)
-    return folder / f"execution{execution}" if executions > 1 else folder
+    folder = Path(out) / TRIALS_DIR / str(trial_id)
+    return RunFolder(folder / f"execution{execution}" if executions > 1 else folder)
 
 
 def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
@@ -270,16 +271,15 @@ def _write_hparams(log_dir: Path, values: dict, session: str) -> None:
     writer.close()
 
 
-def trial_result(run: Path) -> dict[str, float]:
+def trial_result(run: RunFolder) -> dict[str, float]:
     """Metrics of the best-``val_dice`` epoch of a run folder, plus ``epochs_run`` and ``best_epoch`` (1-based).
 
     Read from ``history.csv`` so a resumed trial counts its epochs from before the kill too.
     """
-
-    history = cb.read_history(run / "history.csv")
-    best = cb.best_row(history, OBJECTIVE)
+    history = run.history()
+    best = best_row(history, OBJECTIVE)
     if best is None:
-        raise keras_tuner.errors.FailedTrialError(f"{run}/history.csv: no finite {OBJECTIVE}; the trial diverged")
+        raise keras_tuner.errors.FailedTrialError(f"{run.history_file}: no finite {OBJECTIVE}; the trial diverged")
     metrics = {key: float(value) for key, value in best.items() if key != "epoch" and math.isfinite(value)}
     return {**metrics, "epochs_run": float(len(history)), "best_epoch": float(best["epoch"] + 1)}
 
@@ -312,7 +312,10 @@ def check_search_folder(out: Path, record: dict) -> None:
         if out.exists() and (not out.is_dir() or any(not p.name.startswith(".") for p in out.iterdir())):
             raise HnsegError(f"{out}: exists and holds no search (no search_config.json); choose another --out")
         return
-    stored, wanted = _flatten(configs.read_json(stored_path)), _flatten(record)
+    stored = configs.read_json(stored_path)
+    if isinstance(stored, dict) and isinstance(stored.get("train"), dict):  # older searches: two HU windows
+        stored = {**stored, "train": single_window(stored["train"], str(stored_path))}
+    stored, wanted = _flatten(stored), _flatten(record)
     differs = [key for key in sorted(set(stored) | set(wanted)) if stored.get(key) != wanted.get(key)]
     if differs:
         raise HnsegError(f"{out}: holds a search with different settings ({', '.join(differs[:4])} differ); "
@@ -373,7 +376,7 @@ def search(tune: TuneConfig, base: TrainConfig, callbacks: list | None = None) -
     base = dataclasses.replace(base, out=None)
     out = Path(tune.out) if tune.out else default_out(base)
     settings = {key: value for key, value in configs.to_dict(tune).items() if key not in ("max_trials", "out")}
-    record = {"tune": settings, "train": training.stored_config(base)}
+    record = {"tune": settings, "train": stored_config(base)}
     check_search_folder(out, record)
     strategy = _strategy()
     data = open_data(base.data)
@@ -420,7 +423,7 @@ def trial_rows(oracle, base: TrainConfig) -> list[dict]:
             "hyperparameters": tuned_fields(apply_values(base, trial.hyperparameters.values)),
             "val_dice_per_organ": {name[len("val_dice_"):]: float(value) for name, value in last.items()
                                    if name.startswith("val_dice_") and value is not None},
-            "run": f"trials/{trial.trial_id}",
+            "run": f"{TRIALS_DIR}/{trial.trial_id}",
             "values": dict(trial.hyperparameters.values),
         })
     return rows

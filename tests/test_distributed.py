@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from test_training import _free_ports
 
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.training import distributed
@@ -129,16 +129,6 @@ TRAIN_SCRIPT = textwrap.dedent(f"""
              mae=np.array(history.history["mae"]), replicas=strategy.num_replicas_in_sync,
              chief=distributed.worker_identity(strategy)[0], keras=keras.__version__, **initial)
 """)
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def _start(out: Path, role: str, tf_config: dict | None) -> subprocess.Popen:

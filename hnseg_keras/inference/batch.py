@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if predictor.spacing_unknown():
         log.warning("%s was trained on each CT's own in-plane spacing but does not record which (made before this "
                     "was recorded); CTs are segmented at their own spacing, which is right only near the training "
-                    "data's. Retrain, or re-export the run, to record it", predictor.source)
+                    "data's. Train it again with this version to record it", predictor.source)
     with FolderLock(out_dir, "hnseg predict"):
         remove_dead_staging(out_dir)
         failures = predict_all(todo, predictor, out_dir, args)

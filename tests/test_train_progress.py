@@ -7,7 +7,8 @@ import json
 import re
 import time
 
-from test_training import TINY_OVERRIDES, tiny_manifest  # noqa: F401  (the fixture, shared)
+from test_training import TINY_OVERRIDES, _Model, tiny_manifest  # noqa: F401  (the fixture, shared)
+from test_training import _FakeClock as _Ticks  # monotonic seconds that move only when a test says so
 
 from hnseg_keras import cli
 from hnseg_keras.progress import clock_time
@@ -16,20 +17,6 @@ from hnseg_keras.training import callbacks as cb
 NOON = time.mktime((2025, 1, 15, 12, 0, 0, 0, 0, -1))  # local noon: the clock times below hold in any zone
 STEPS = 40
 SCORES = {"loss": 0.5, "val_dice": 0.7}
-
-
-class _Ticks:
-    """Monotonic seconds that move only when a test says so."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-class _Model:
-    stop_training = False
 
 
 def _progress(ticks, epochs=10, budget=None, spent_before=0.0, best=None, stream=None, interactive=None,

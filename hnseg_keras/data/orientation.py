@@ -79,10 +79,6 @@ class Storage:
         """Arrays need no change: already LPS, axis for axis."""
         return not self.resampled and self.axes == (0, 1, 2) and not any(self.flips)
 
-    def to_dict(self) -> dict:
-        return {"orientation": self.code, "canonical": CANONICAL, "resampled": self.resampled,
-                "size": list(self.size), "spacing": list(self.spacing)}
-
     def to_canonical(self, array: np.ndarray, linear: bool = False, fill: float = 0.0) -> np.ndarray:
         """A stored array [..., Z, Y, X] in LPS (a view when no resampling is needed)."""
         array = np.asarray(array)

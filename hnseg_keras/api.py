@@ -4,6 +4,7 @@ For a notebook or a hospital's own service, so that nothing needs the internal m
 
     from hnseg_keras import api
 
+    result = api.segment("patient01/ct.nii.gz")          # the released model: seven organs, no training
     manifest = api.prepare("/data/PDDCA", "tfrecords/pddca", spacing_mm=1.0)
     run = api.train("tfrecords/pddca/manifest.json", "runs/pddca-s", variant="S")
     model = api.load_model(api.export(run, "models/pddca-s"))
@@ -92,38 +93,37 @@ def export(run: str | os.PathLike, out: str | os.PathLike, *, which: str = "best
 
 
 def released_model_path(name: str | None = None) -> Path:
-    """The export folder of a model the package carries.
+    """The folder of a model the package carries (``hnseg models`` lists them; None: the default one)."""
+    from hnseg_keras.inference import released
 
-    This version of hnseg-keras ships no trained model yet; train one (``train`` + ``export``) and pass
-    its export folder to ``load_model``.
-    """
-    from hnseg_keras import __version__
-
-    wanted = f" named {name!r}" if name else ""
-    raise HnsegError(f"hnseg-keras {__version__} carries no released model{wanted}; train and export one "
-                     "(api.train, api.export) and give its export folder to load_model")
+    return released.path(name)
 
 
-def load_model(path_or_name: str | os.PathLike, saved_model: bool = False):
+def load_model(path_or_name: str | os.PathLike | None = None, saved_model: bool = False):
     """A model ready for ``segment``: an export folder, a run folder or a ``.keras`` file (checked as
-    ``hnseg predict --model`` checks it), or the name of a released model."""
+    ``hnseg predict --model`` checks it), the name of a released model, or None for the default released one."""
     from hnseg_keras.inference.prediction import load_predictor
 
+    if path_or_name is None:
+        return load_predictor(released_model_path(), saved_model=saved_model)
     path = Path(path_or_name)
     if not path.exists() and os.sep not in str(path_or_name) and "/" not in str(path_or_name):
         path = released_model_path(str(path_or_name))
     return load_predictor(path, saved_model=saved_model)
 
 
-def segment(image, model, *, organs: Sequence[str] | None = None, tta: bool = False,
-            largest_component: bool = False, oblique: str = "refuse", batch_size: int = 8) -> SegmentationResult:
+def segment(image, model=None, *, organs: Sequence[str] | None = None, tta: bool | None = None,
+            largest_component: bool | None = None, oblique: str = "refuse", batch_size: int = 8) -> SegmentationResult:
     """Segment one CT: a file (NRRD / NIfTI / MHA), a DICOM series or PDDCA case folder, a SimpleITK
-    image or a ``cases.Case``, with a model from ``load_model``. The result lies on the input's own grid."""
+    image or a ``cases.Case``, with a model from ``load_model`` (None: the default released model). The
+    result lies on the input's own grid. ``tta`` / ``largest_component`` None: as the model records."""
     from hnseg_keras.data.cases import image_like
     from hnseg_keras.inference.batch import chosen_organs
     from hnseg_keras.inference.prediction import on_own_grid, segment_and_check
 
     case = _read(image, oblique)
+    model = load_model() if model is None else model
+    tta, largest_component = model.post_processing(tta, largest_component)
     wanted = chosen_organs(organs, model) if organs else None
     seg, record = segment_and_check(case, model, wanted, batch_size, tta, largest_component)
     seg, case = on_own_grid(seg, case)

@@ -29,7 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": (__name__, "train a residual U-Net on prepared shards (or an `hnseg arrays` file)"),
     "tune": (__name__, "KerasTuner search over loss weights and learning rate"),
     "export": ("hnseg_keras.inference.export", "export a trained run as a TensorFlow SavedModel"),
-    "predict": ("hnseg_keras.inference.batch", "segment CT volumes with a trained or exported model"),
+    "predict": ("hnseg_keras.inference.batch", "segment CT volumes (the released model unless --model is given)"),
+    "models": ("hnseg_keras.inference.released", "list the trained models this installation carries"),
     "evaluate": ("hnseg_keras.evaluation.scores", "3D Dice, HD95, surface distance and surface Dice tables"),
     "verify": ("hnseg_keras.verify", "check a prepared data, run or export folder against its recorded sha256"),
 }

@@ -4,6 +4,9 @@
 #
 #   scripts/openkbp.sh                 36-minute profile (configs/openkbp.json)
 #   scripts/openkbp.sh long            108-minute profile (configs/openkbp_long.json)
+#   scripts/openkbp.sh release         the released model: a fixed step count (configs/openkbp_release.json),
+#                                      then scripts/release_model.py chooses its post-processing on the
+#                                      validation cases and writes it into hnseg_keras/released/
 #
 # Environment: OPENKBP_DATA (default ../shared/data/openkbp-hn), OPENKBP_WORK (default runs/openkbp),
 # OPENKBP_BUDGET_MIN (training wall-time cap in minutes; default the config's max_train_minutes:
@@ -17,7 +20,8 @@ PROFILE=${1:-short}
 case "$PROFILE" in
   short) CONFIG=configs/openkbp.json ;;
   long) CONFIG=configs/openkbp_long.json ;;
-  *) echo "usage: scripts/openkbp.sh [short|long]" >&2; exit 2 ;;
+  release) CONFIG=configs/openkbp_release.json ;;
+  *) echo "usage: scripts/openkbp.sh [short|long|release]" >&2; exit 2 ;;
 esac
 BUDGET_MIN=${OPENKBP_BUDGET_MIN:-}
 DATA=${OPENKBP_DATA:-../shared/data/openkbp-hn}
@@ -64,6 +68,12 @@ echo "training process wall time: $(( ($(date +%s) - TRAIN_START) / 60 )) min $(
 
 echo "== export (final model) -> $EXPORT" >&2
 [[ -f "$EXPORT/metadata.json" ]] || "$HNSEG" export "$RUN" --out "$EXPORT" --which final
+
+if [[ "$PROFILE" == release ]]; then
+  echo "== release: post-processing chosen on the validation cases -> hnseg_keras/released/" >&2
+  "$PYTHON" scripts/release_model.py --run "$RUN" --export "$EXPORT" --data "$DATA" --work "$WORK/$PROFILE/choose"
+  exit 0
+fi
 
 echo "== predict validation -> $PRED" >&2
 "$HNSEG" predict "$DATA" --split validation --model "$EXPORT" --out "$PRED" --largest-component --force

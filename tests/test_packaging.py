@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from hnseg_keras.inference import released
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "hnseg_keras"
@@ -39,9 +42,11 @@ def test_package_data_is_declared_and_nothing_is_read_from_beside_the_package():
                     if isinstance(node, ast.Name) and node.id == "__file__"]
             assert not uses, f"{path.relative_to(REPO)}:{uses}: read package data with importlib.resources"
             continue
-        package = ".".join(path.parent.relative_to(REPO).parts)
+        package_dir = next(folder for folder in path.parents if (folder / "__init__.py").is_file())
+        package = ".".join(package_dir.relative_to(REPO).parts)
+        relative = path.relative_to(package_dir).as_posix()  # setuptools globs are relative to the package
         patterns = [*declared.get(package, []), *declared.get("*", [])]
-        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), (
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), (
             f"{path.relative_to(REPO)}: not declared in [tool.setuptools.package-data] of pyproject.toml")
 
 
@@ -93,3 +98,16 @@ def test_installed_wheel_runs_the_data_path_outside_the_source_tree(tmp_path):
     _run([str(hnseg), "predict", str(case), "--model", "model", "--out", "predictions"], work, env)
     for suffix in (".nrrd", ".seg.nrrd", ".qa.json"):
         assert (work / "predictions" / f"{case.name}{suffix}").is_file(), suffix
+
+    # The released model ships in the wheel: no --model, a DICOM series in, every output out.
+    from own_data_builders import write_dicom_series
+    from test_released import released_input_case
+
+    write_dicom_series(released_input_case(), work / "dicom_ct")
+    listed = json.loads(_run([str(hnseg), "models", "--json"], work, env))
+    assert [row["name"] for row in listed] == released.names()
+    _run([str(hnseg), "predict", "dicom_ct", "--out", "released", "--preview"], work, env)
+    (label_map,) = (p for p in (work / "released").glob("*.nrrd") if not p.name.endswith(".seg.nrrd"))
+    name = label_map.name.removesuffix(".nrrd")
+    for output in (f"{name}.seg.nrrd", f"{name}.qa.json", f"{name}_rtstruct.dcm", f"preview/{name}.png"):
+        assert (work / "released" / output).is_file(), output

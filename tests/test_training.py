@@ -485,3 +485,37 @@ def test_the_optimizer_is_built_with_the_model(tiny_manifest, tmp_path):
     moved = [np.abs(keras.ops.convert_to_numpy(v) - b).max() for v, b in zip(model.trainable_variables, before,
                                                                              strict=True)]
     assert max(moved) == pytest.approx(config.learning_rate, rel=0.05)
+
+
+def test_saved_models_carry_the_weights_but_not_the_optimizer_state(tiny_manifest, tmp_path):
+    """best/final .keras are for prediction: the weights alone, and the model keeps training after a save."""
+    import zipfile
+
+    import h5py
+
+    from hnseg_keras.inference.model_io import load_keras_model
+    from hnseg_keras.training.run_folder import save_model_atomic
+
+    data = sources.open_data(tiny_manifest)
+    config = training.resolve_for_data(tiny_config(tiny_manifest, tmp_path / "run"), data)
+    model = training.build_compiled_model(config, list(ORGANS))
+    x, y = next(iter(data.batches(config)[0]))
+    model.train_on_batch(x, y)
+    optimizer = model.optimizer
+    path = save_model_atomic(model, tmp_path / "best.keras")
+    assert model.optimizer is optimizer
+
+    with zipfile.ZipFile(path) as archive:
+        archive.extract("model.weights.h5", tmp_path)
+    with h5py.File(tmp_path / "model.weights.h5") as weights:
+        assert "optimizer" not in weights
+        stored = []
+        weights.visititems(lambda name, item: stored.append(item.size) if isinstance(item, h5py.Dataset) else None)
+    assert sum(stored) == sum(int(np.prod(v.shape)) for v in model.weights)
+
+    loaded = load_keras_model(path)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded.predict_on_batch(x)),
+                               keras.ops.convert_to_numpy(model.predict_on_batch(x)), atol=1e-6)
+    before = keras.ops.convert_to_numpy(model.trainable_variables[0])
+    model.train_on_batch(x, y)  # the optimizer put back still steps
+    assert np.abs(keras.ops.convert_to_numpy(model.trainable_variables[0]) - before).max() > 0

@@ -40,7 +40,7 @@ from hnseg_keras.files import (
     replace_folder,
     temp_name,
 )
-from hnseg_keras.inference import slicer, visual
+from hnseg_keras.inference import released, slicer, visual
 from hnseg_keras.inference.prediction import (
     Predictor,
     Segmentation,
@@ -104,16 +104,19 @@ def output_paths(out_dir: Path, item: CaseInput, fmt: str, pddca_masks: bool,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="INPUT",
                         help="CT file (NRRD/NIfTI), DICOM series folder, PDDCA case folder or a folder of cases")
-    parser.add_argument("--model", required=True,
+    parser.add_argument("--model",
                         help="export folder, .keras file or training run folder; .keras models load in Keras safe "
-                             "mode, after their sha256 matched the export's metadata.json")
+                             "mode, after their sha256 matched the export's metadata.json. Default: the released "
+                             f"model {released.DEFAULT} (`hnseg models` lists what this installation carries)")
     parser.add_argument("--saved-model", action="store_true",
                         help="run the export's TensorFlow SavedModel instead of model.keras. A SavedModel is "
                              "executable code (its graph may run any TensorFlow op); it is loaded only after every "
                              "file matched the sha256 in metadata.json, so use it only with exports you trust")
     parser.add_argument("--out", required=True, help="output folder (one predict at a time; finished cases are skipped)")
-    parser.add_argument("--tta", action="store_true", help="average with a left-right mirrored pass")
-    parser.add_argument("--largest-component", action="store_true", help="keep each organ's largest 3D component")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                        help="average with a left-right mirrored pass (default: as the model records, else off)")
+    parser.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep each organ's largest 3D component (default: as the model records, else off)")
     parser.add_argument("--format", choices=FORMATS, default="nrrd", help="label-map format (default nrrd)")
     parser.add_argument("--pddca-masks", action="store_true",
                         help="also write OUT/masks/<case>/structures/<Organ>.nrrd")
@@ -149,7 +152,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipping {len(items) - len(todo)} finished case(s) in {out_dir} (--force redoes them)", file=sys.stderr)
     if not todo:
         return 0
-    predictor = load_predictor(args.model, saved_model=args.saved_model)
+    predictor = load_predictor(args.model or released.path(), saved_model=args.saved_model)
+    args.tta, args.largest_component = predictor.post_processing(args.tta, args.largest_component)
+    print(f"model: {predictor.source} ({len(predictor.organs)} organs; left-right TTA "
+          f"{'on' if args.tta else 'off'}, largest component {'on' if args.largest_component else 'off'})",
+          file=sys.stderr)
     if args.organs:
         args.organs = chosen_organs(args.organs, predictor)
     if predictor.spacing_unknown():

@@ -60,6 +60,8 @@ class Predictor:
         catalogue: organ definitions the model was trained with (label values, colours); None = built-in.
         training_geometry: what the model knows of its training grid (``Manifest.training_geometry``:
             orientation, fixed or native in-plane spacing, organ volume ranges); None for older models.
+        prediction: post-processing recorded with the model (``tta``, ``largest_component``: chosen on its
+            validation cases for a released model), applied unless the caller chooses; None = both off.
     """
 
     organs: tuple[str, ...]
@@ -69,6 +71,14 @@ class Predictor:
     run_batch: Callable[[np.ndarray], np.ndarray]
     catalogue: Mapping | None = None
     training_geometry: Mapping | None = None
+    prediction: Mapping | None = None
+
+    def post_processing(self, tta: bool | None, largest_component: bool | None) -> tuple[bool, bool]:
+        """(tta, largest_component): the caller's choice where given, else what the model records, else off."""
+        recorded = self.prediction or {}
+        return (bool(recorded.get("tta", False)) if tta is None else bool(tta),
+                bool(recorded.get("largest_component", False)) if largest_component is None
+                else bool(largest_component))
 
     def slicing_for(self, spacing: Sequence[float]) -> tuple[SlicingConfig, str]:
         """The slicing for a CT of in-plane ``spacing`` (x, y mm), and a note saying how its grid was changed.
@@ -185,7 +195,8 @@ def _keras_predictor(path: Path, metadata: dict) -> Predictor:
     trust.check_signature(model.input_shape, model.output_shape, metadata, str(path))
     predictor = Predictor.from_keras_model(model, organs, slicing, str(path), size_multiple_of(model))
     return dataclasses.replace(predictor, catalogue=catalogue_from(metadata.get("organ_definitions")),
-                               training_geometry=metadata.get("training_geometry"))
+                               training_geometry=metadata.get("training_geometry"),
+                               prediction=metadata.get("prediction"))
 
 
 def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
@@ -206,7 +217,7 @@ def _saved_model_predictor(folder: Path, metadata: dict) -> Predictor:
         return signature(ct=tf.constant(batch))["probabilities"].numpy()
 
     return Predictor(organs, slicing, channels, str(folder), run_batch, catalogue_from(metadata.get("organ_definitions")),
-                     metadata.get("training_geometry"))
+                     metadata.get("training_geometry"), metadata.get("prediction"))
 
 
 # ----------------------------------------------------------------------------- one case
@@ -335,7 +346,9 @@ def segment_and_check(case: Case, predictor: Predictor, organs: Sequence[str] | 
     seg = segment_case(case, predictor, batch_size, tta_flip, largest_component, progress)
     if organs:
         seg = seg.subset(organs)
-    return seg, qa_record(seg, case, predictor)
+    record = qa_record(seg, case, predictor)
+    record["post_processing"] = {"tta": bool(tta_flip), "largest_component": bool(largest_component)}
+    return seg, record
 
 
 def on_own_grid(seg: Segmentation, case: Case) -> tuple[Segmentation, Case]:

@@ -4,7 +4,7 @@ The GPU machine this project borrows runs Keras on JAX and has no TensorFlow, so
 TFRecord shards. ``hnseg arrays`` (run where TensorFlow is) turns one split of a manifest into an
 ``.npz`` that numpy alone reads; :class:`SliceArrays` loads it and :class:`RawBatches` hands whole
 slices to ``model.fit`` under any backend, whose train step augments them (``train_step``: the
-window, crop, warps and mixup of ``augment.OPS``).
+window, crop, rotation, zoom, warps, intensity ops and mixup of ``augment.OPS``).
 ``hnseg train --data FILE.npz`` trains from it (``training.sources.ArrayData``).
 
 Compact on purpose (a call to that machine carries at most 64 MiB):

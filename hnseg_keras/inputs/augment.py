@@ -1,17 +1,21 @@
-"""Batched training augmentation in ``keras.ops``: the ops of ``OPS`` (window, crop + warp, mixup).
+"""Batched training augmentation in ``keras.ops``: the ops of ``OPS`` (window, crop + warp with rotation
+and zoom, the nnU-Net-like intensity ops, mixup).
 
 A batch is a dict of float32 tensors: ``image [B,H,W,C]`` (HU), ``masks [B,H,W,O]`` ({0, 1}),
 ``dist_maps [B,H,W,O]`` (signed pixels, negative inside), ``annotated [B,O]``. Every random draw
 comes from an explicit stateless seed (int32 [2]; per-op seeds from :func:`sub_seed`) with a leading
-batch axis, so each sample gets its own crop and warp. Crop and warp are one bilinear resampling at
-crop offset + identity grid + displacement, the same field for image, masks (then ``>= 0.5``) and
-distance maps; integer offsets without displacement copy pixels exactly. Runs in ``tf.data``, under
-XLA and, being ``keras.ops`` only, under JAX.
+batch axis, so each sample gets its own crop and warp. Crop, rotation, zoom and warp are one bilinear
+resampling at crop offset + (turned and scaled) identity grid + displacement, the same field for image,
+masks (then ``>= 0.5``) and distance maps; integer offsets without rotation, zoom or displacement copy
+pixels exactly. The intensity ops (noise, blur, brightness, shift, contrast, gamma) change the image
+only, in units of the window, and keep it inside the window. Runs in ``tf.data``, under XLA and, being
+``keras.ops`` only, under JAX.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -29,8 +33,14 @@ HU_RANGE: tuple[float, float] = (-1024.0, 3071.0)
 SPATIAL_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps")
 
 # Per-op sub-seed indices (see sub_seed); nested ops reuse small indices under their own parent.
-_TAG_CROP, _TAG_WARP_CHOICE, _TAG_ELASTIC, _TAG_GRID, _TAG_PARTNER, _TAG_LAMBDA = range(6)
+(_TAG_CROP, _TAG_WARP_CHOICE, _TAG_ELASTIC, _TAG_GRID, _TAG_PARTNER, _TAG_LAMBDA, _TAG_AFFINE,
+ _TAG_INTENSITY) = range(8)
 _NUM_CHILD_SEEDS = 16
+
+# What ``AugmentConfig.nnunet_like`` switches on: the chance per sample of each op whose probability is
+# left at None (nnU-Net's 2D defaults, but rotation +-15 degrees; see AugmentConfig).
+NNUNET_LIKE: dict[str, float] = {"rotation": 0.2, "scale": 0.2, "noise": 0.1, "blur": 0.2, "brightness": 0.15,
+                                 "shift": 0.15, "contrast": 0.15, "gamma_inverted": 0.1, "gamma": 0.3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +61,30 @@ class AugmentConfig:
         grid_distort_limit: each cell is stretched by a factor in [1 - limit, 1 + limit].
         mixup: class-weighted mixup of images within the batch.
         mixup_alpha: lambda ~ Beta(alpha, alpha).
+        rotation_probability: chance per sample of an in-plane rotation about the crop centre.
+        rotation_degrees: (low, high) angle, uniform; positive turns the anatomy counter-clockwise on
+            screen. +-15 rather than nnU-Net's 2D +-180: H&N slices keep left/right and up/down.
+        scale_probability: chance per sample of a zoom about the crop centre.
+        scale_range: (low, high) zoom, log-uniform; 2 shows the anatomy twice as large. The distance
+            maps are multiplied by the zoom, so they stay in output pixels.
+        noise_probability, noise_variance: additive Gaussian noise, variance uniform in (low, high).
+        blur_probability, blur_sigma: separable Gaussian blur, sigma uniform in (low, high) pixels.
+        brightness_probability, brightness_range: multiply the image by a factor uniform in the range.
+        shift_probability, shift_range: add an offset uniform in the range.
+        contrast_probability, contrast_range: stretch about the sample's mean by a factor in the range.
+        gamma_probability, gamma_range: gamma, log-uniform in the range, on the window mapped to [0, 1].
+        gamma_inverted_probability: the same gamma on the inverted image (1 - t), drawn on its own.
+        nnunet_like: every ``*_probability`` above left at None takes its ``NNUNET_LIKE`` value
+            (rotation and scale 0.2, noise 0.1, blur 0.2, brightness, shift and contrast 0.15, gamma 0.3,
+            inverted gamma 0.1); a number given explicitly wins, so 0 switches one op off.
 
     The paper names the ops but not the warp parameters; the values here give gentle anatomical
-    deformations (a few pixels) on 256-pixel slices of 1 mm.
+    deformations (a few pixels) on 256-pixel slices of 1 mm. Rotation, zoom and the intensity ops
+    are nnU-Net's defaults and off unless asked for (None without ``nnunet_like`` is 0): configs
+    written before them give the same batches. Intensity values (noise variance, shift) are in units
+    of the window's half-width: the window mapped to [-1, 1], the model's own scaling without
+    statistics, about one standard deviation of soft tissue as in nnU-Net's z-scored images.
+    No mirroring: the organs come in left/right pairs.
     """
 
     window: tuple[float, float] | None = HU_WINDOW
@@ -67,9 +98,58 @@ class AugmentConfig:
     grid_distort_limit: float = 0.3
     mixup: bool = True
     mixup_alpha: float = 0.2
+    rotation_probability: float | None = None
+    rotation_degrees: tuple[float, float] = (-15.0, 15.0)
+    scale_probability: float | None = None
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    noise_probability: float | None = None
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    blur_probability: float | None = None
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    brightness_probability: float | None = None
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    shift_probability: float | None = None
+    shift_range: tuple[float, float] = (-0.1, 0.1)
+    contrast_probability: float | None = None
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    gamma_probability: float | None = None
+    gamma_inverted_probability: float | None = None
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    nnunet_like: bool = False
 
     def __post_init__(self):
         check_window(self.window, "augment.window")
+        _check_nnunet_fields(self)
+
+    def probability(self, op: str) -> float:
+        """Chance per sample of ``op`` (a key of ``NNUNET_LIKE``): its field, or when that is None the
+        ``NNUNET_LIKE`` value under ``nnunet_like`` and 0 otherwise."""
+        value = getattr(self, f"{op}_probability")
+        if value is not None:
+            return float(value)
+        return NNUNET_LIKE[op] if self.nnunet_like else 0.0
+
+
+# (range field, lowest allowed low, whether low itself is allowed) of the nnU-Net-like ops.
+_RANGE_FLOORS = (("rotation_degrees", -180.0, True), ("scale_range", 0.0, False), ("noise_variance", 0.0, True),
+                 ("blur_sigma", 0.0, False), ("brightness_range", 0.0, True), ("shift_range", -2.0, True),
+                 ("contrast_range", 0.0, True), ("gamma_range", 0.0, False))
+
+
+def _check_nnunet_fields(config: AugmentConfig) -> None:
+    """Refuse a probability outside [0, 1] or a (low, high) range that is reversed or out of bounds."""
+    for op in NNUNET_LIKE:
+        value = getattr(config, f"{op}_probability")
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise HnsegError(f"augment.{op}_probability={value}: give a chance in [0, 1] (null: 0, or the "
+                             "nnU-Net-like value with nnunet_like)")
+    for name, floor, inclusive in _RANGE_FLOORS:
+        value = getattr(config, name)
+        low = value[0] if len(value) == 2 else math.nan  # NaN fails every comparison below
+        if not (low <= value[-1] and (low >= floor if inclusive else low > floor)):
+            bound = ">=" if inclusive else ">"
+            raise HnsegError(f"augment.{name}={list(value)}: give (low, high) with low <= high and low {bound} "
+                             f"{floor}")
 
 
 def check_window(window, what: str) -> None:
@@ -176,15 +256,47 @@ def bilinear_sample(values, coord_y, coord_x):
     return _gather_plan(values, _bilinear_plan(coord_y, coord_x, shape[0], (shape[1], shape[2])))
 
 
-def _sampling_coords(offsets, displacement, out_hw):
+def _sampling_coords(offsets, displacement, out_hw, affine=None):
     offsets = ops.cast(offsets, "float32")
     grid_y = ops.arange(out_hw[0], dtype="float32")[None, :, None]
     grid_x = ops.arange(out_hw[1], dtype="float32")[None, None, :]
+    if affine is not None:
+        grid_y, grid_x = _turned_grid(affine, grid_y, grid_x, out_hw)
     coord_y = offsets[:, 0, None, None] + grid_y + ops.zeros_like(grid_x)
     coord_x = offsets[:, 1, None, None] + grid_x + ops.zeros_like(grid_y)
     if displacement is not None:
         coord_y, coord_x = coord_y + displacement[..., 0], coord_x + displacement[..., 1]
     return coord_y, coord_x
+
+
+def _turned_grid(affine, grid_y, grid_x, out_hw):
+    """The output grid [B,Ho,Wo] (y, x) mapped by ``affine`` [B,2,2] about the crop centre.
+
+    An identity matrix gives the grid back exactly (pixel + half-integer centre arithmetic is exact).
+    """
+    centre_y, centre_x = (out_hw[0] - 1) / 2.0, (out_hw[1] - 1) / 2.0
+    rel_y, rel_x = grid_y - centre_y, grid_x - centre_x
+    m = affine[:, :, :, None, None]
+    return (centre_y + (m[:, 0, 0] * rel_y + m[:, 0, 1] * rel_x),
+            centre_x + (m[:, 1, 0] * rel_y + m[:, 1, 1] * rel_x))
+
+
+def affine_from_draws(draws, config: AugmentConfig) -> dict:
+    """Rotation + zoom per sample from uniforms ``draws`` [B,4] (rotate?, angle, zoom?, zoom).
+
+    Returns ``affine`` [B,2,2], the map from an output pixel's (dy, dx) off the crop centre to the input
+    offset sampled there (rotation by the angle, divided by the zoom), and ``zoom`` [B]. Samples not
+    chosen get exactly the identity and zoom 1.
+    """
+    low, high = config.rotation_degrees
+    degrees = low + (high - low) * draws[:, 1]
+    angle = ops.where(draws[:, 0] < config.probability("rotation"), degrees * (math.pi / 180.0), 0.0)
+    low, high = config.scale_range
+    zoom = low * ops.exp(draws[:, 3] * math.log(high / low))  # log-uniform; exactly low when high == low
+    zoom = ops.where(draws[:, 2] < config.probability("scale"), zoom, 1.0)
+    cos, sin = ops.cos(angle) / zoom, ops.sin(angle) / zoom
+    affine = ops.stack([ops.stack([cos, sin], axis=-1), ops.stack([-sin, cos], axis=-1)], axis=1)
+    return {"affine": affine, "zoom": zoom}
 
 
 def crop_offsets(draw, in_hw, out_hw: tuple[int, int]):
@@ -281,17 +393,23 @@ def centre_crop(batch: dict, size: int | None) -> dict:
     return out
 
 
-def resample_batch(batch: dict, offsets, field, out_hw: tuple[int, int]) -> dict:
+def resample_batch(batch: dict, offsets, field, out_hw: tuple[int, int], affine=None, zoom=None) -> dict:
     """Resample every spatial key at ``offsets`` [B,2] + identity + ``field`` [B,Ho,Wo,2] (or None).
 
-    Image and distance maps bilinear, masks bilinear then ``>= 0.5``; other keys pass through.
+    ``affine`` [B,2,2] (or None) turns and scales the identity grid about the crop centre (see
+    :func:`affine_from_draws`). Image and distance maps bilinear, masks bilinear then ``>= 0.5``;
+    distance maps are multiplied by ``zoom`` [B] (or None) so they stay in output pixels; other keys
+    pass through.
     """
     # One plan, one gather per key: slicing a joint result would make XLA recompute the gathers.
     image = batch["image"]
-    plan = _bilinear_plan(*_sampling_coords(offsets, field, out_hw), ops.shape(image)[0], _static_hw(image))
+    coords = _sampling_coords(offsets, field, out_hw, affine)
+    plan = _bilinear_plan(*coords, ops.shape(image)[0], _static_hw(image))
     out = dict(batch)
     out.update({key: _gather_plan(batch[key], plan) for key in SPATIAL_KEYS})
     out["masks"] = ops.cast(out["masks"] >= 0.5, "float32")
+    if zoom is not None:
+        out["dist_maps"] = out["dist_maps"] * zoom[:, None, None, None]
     return out
 
 
@@ -381,6 +499,104 @@ def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- nnU-Net-like intensity ops
+# They act on the windowed image in window units u = (HU - centre) / half-width, i.e. the window mapped to
+# [-1, 1], and clip the result back into the window: the model clips to it anyway, so this is the image it
+# sees, and gamma needs a bounded range.
+
+
+def gaussian_blur(values, sigma, radius: int):
+    """Separable Gaussian blur of ``values`` [B,H,W,C] with its own ``sigma`` [B] (pixels) per sample.
+
+    Sampled Gaussian taps -radius..radius normalised to sum 1, mirrored borders. Shifted sums instead of
+    a convolution, because every sample has its own kernel (a depthwise conv shares one over the batch).
+    """
+    taps = ops.arange(-radius, radius + 1, dtype="float32")
+    kernel = ops.exp(-0.5 * ops.square(taps[None, :] / sigma[:, None]))
+    kernel = kernel / ops.sum(kernel, axis=1, keepdims=True)
+
+    def along_rows(x):
+        length = int(x.shape[1])
+        padded = ops.pad(x, [[0, 0], [radius, radius], [0, 0], [0, 0]], mode="symmetric")
+        out = kernel[:, 0, None, None, None] * padded[:, :length]
+        for tap in range(1, 2 * radius + 1):
+            out = out + kernel[:, tap, None, None, None] * padded[:, tap : tap + length]
+        return out
+
+    _static_hw(values)  # the shifted slices need static H and W: say so plainly if they are unknown
+    return ops.swapaxes(along_rows(ops.swapaxes(along_rows(values), 1, 2)), 1, 2)
+
+
+def blur_radius(config: AugmentConfig) -> int:
+    """Kernel half-width in pixels: 3 of the largest sigma."""
+    return max(1, math.ceil(3.0 * config.blur_sigma[1]))
+
+
+def _gamma(unit, gamma, inverted: bool):
+    """Gamma on the window mapped to t in [0, 1]: t ** gamma, or 1 - (1 - t) ** gamma when inverted."""
+    if inverted:
+        return 1.0 - 2.0 * ops.power((1.0 - unit) / 2.0, gamma)
+    return 2.0 * ops.power((unit + 1.0) / 2.0, gamma) - 1.0
+
+
+def _contrast(unit, factor):
+    mean = ops.mean(unit, axis=(1, 2, 3), keepdims=True)
+    return mean + (unit - mean) * factor
+
+
+# name: (sub-seed tag, range field, log-uniform value, change of the window units u [B,H,W,C] with the
+# drawn value v [B,1,1,1] and the op's params and config), in the order they run (nnU-Net's: noise,
+# blur, brightness, contrast, gamma; the additive shift beside the brightness).
+_INTENSITY = {
+    "noise": (0, "noise_variance", False, lambda u, v, params, _: u + ops.sqrt(v) * params["noise"]),
+    "blur": (1, "blur_sigma", False, lambda u, v, _, config: gaussian_blur(u, v[:, 0, 0, 0], blur_radius(config))),
+    "brightness": (2, "brightness_range", False, lambda u, v, params, _: u * v),
+    "shift": (3, "shift_range", False, lambda u, v, params, _: u + v),
+    "contrast": (4, "contrast_range", False, lambda u, v, params, _: _contrast(u, v)),
+    "gamma_inverted": (5, "gamma_range", True, lambda u, v, params, _: _gamma(u, v, inverted=True)),
+    "gamma": (6, "gamma_range", True, lambda u, v, params, _: _gamma(u, v, inverted=False)),
+}
+
+
+def _window_scale(config: AugmentConfig) -> tuple[float, float]:
+    """(centre, half-width) in HU of the window the image was clipped to."""
+    low, high = config.window if config.window is not None else HU_RANGE
+    return (low + high) / 2.0, (high - low) / 2.0
+
+
+def _intensity_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig, channels=1, *, name: str) -> dict:
+    """``chosen`` [B] (bool: the op runs on this sample), ``value`` [B] in the op's range, and for the
+    noise op unit Gaussian ``noise`` [B,Ho,Wo,C]."""
+    tag, range_field, log_uniform, _ = _INTENSITY[name]
+    seed = sub_seed(sub_seed(seed, _TAG_INTENSITY), tag)
+    draws = _uniform(sub_seed(seed, 0), (batch_size, 2))
+    low, high = getattr(config, range_field)
+    if log_uniform:
+        value = low * ops.exp(draws[:, 1] * math.log(high / low))
+    else:
+        value = low + (high - low) * draws[:, 1]
+    params = {"chosen": draws[:, 0] < config.probability(name), "value": value}
+    if name == "noise":
+        params["noise"] = _normal(sub_seed(seed, 1), (batch_size, out_hw[0], out_hw[1], channels))
+    return params
+
+
+def _intensity_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None, *, name: str) -> dict:
+    """The image of the chosen samples changed in window units and clipped to the window; the rest and
+    every other key untouched."""
+    centre, half = _window_scale(config)
+    image = batch["image"]
+    unit = ops.clip((image - centre) / half, -1.0, 1.0)
+    changed = _INTENSITY[name][3](unit, params["value"][:, None, None, None], params, config)
+    changed = ops.clip(changed, -1.0, 1.0) * half + centre
+    return {**batch, "image": ops.where(params["chosen"][:, None, None, None], changed, image)}
+
+
+def _intensity_op(name: str) -> AugmentOp:
+    return AugmentOp(name, lambda config: config.probability(name) > 0.0,
+                     functools.partial(_intensity_draw, name=name), functools.partial(_intensity_apply, name=name))
+
+
 # ----------------------------------------------------------------------------- the ops, in order
 
 
@@ -410,9 +626,10 @@ def cast_and_window(batch: dict, window: tuple[float, float] | None) -> dict:
     return {"image": window_image(batch["image"], window), **out}
 
 
-def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
-    """Crop corner [B,2] and warp field [B,Ho,Wo,2] (or none): the warp field is derived here, with the
-    draws, so that the application is a pure resampling (the part worth compiling with XLA)."""
+def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig, channels=1) -> dict:
+    """Crop corner [B,2], warp field [B,Ho,Wo,2] (or none), rotation + zoom ``affine`` [B,2,2] and ``zoom``
+    [B] (or none): fields and matrices are derived here, with the draws, so that the application is a
+    pure resampling (the part worth compiling with XLA)."""
     draws = {"crop": _uniform(sub_seed(seed, _TAG_CROP), (batch_size, 2)),
              "coins": _uniform(sub_seed(seed, _TAG_WARP_CHOICE), (batch_size, 2))}
     if config.warp_probability > 0.0 and config.elastic:
@@ -423,15 +640,19 @@ def _crop_warp_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> d
         draws["grid_stretch"] = _uniform(sub_seed(seed, _TAG_GRID), (batch_size, 2, config.grid_steps),
                                          1.0 - limit, 1.0 + limit)
     field = warp_from_draws(draws, out_hw, config)
-    return {"offsets": crop_offsets(draws["crop"], in_hw, out_hw), **({} if field is None else {"field": field})}
+    params = {"offsets": crop_offsets(draws["crop"], in_hw, out_hw), **({} if field is None else {"field": field})}
+    if config.probability("rotation") > 0.0 or config.probability("scale") > 0.0:
+        params.update(affine_from_draws(_uniform(sub_seed(seed, _TAG_AFFINE), (batch_size, 4)), config))
+    return params
 
 
 def _crop_warp_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None) -> dict:
     out_hw = output_hw(batch["image"], config)[1]
-    return resample_batch(batch, params["offsets"], params.get("field"), out_hw)
+    return resample_batch(batch, params["offsets"], params.get("field"), out_hw, params.get("affine"),
+                          params.get("zoom"))
 
 
-def _mixup_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig) -> dict:
+def _mixup_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig, channels=1) -> dict:
     return {"partner": _uniform(sub_seed(seed, _TAG_PARTNER), (batch_size,)),
             **_gamma_draws(sub_seed(seed, _TAG_LAMBDA), batch_size)}
 
@@ -442,10 +663,11 @@ def _mixup_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights
 
 @dataclasses.dataclass(frozen=True)
 class AugmentOp:
-    """One step of the augmentation: ``draw(seed, batch_size, in_hw, out_hw, config) -> params`` (every
-    random number; None: none), ``apply(batch, params, config, organ_weights) -> batch`` (deterministic),
-    and whether tf.data may XLA-compile ``apply`` (worth it for the resampling only; TF's stateless
-    generator is slow under XLA on CPU, so draws never run there)."""
+    """One step of the augmentation: ``draw(seed, batch_size, in_hw, out_hw, config, channels) -> params``
+    (every random number; ``channels``, the image's C, sizes the noise; None: no draws),
+    ``apply(batch, params, config, organ_weights) -> batch`` (deterministic), and whether tf.data may
+    XLA-compile ``apply`` (worth it for the resampling only; TF's stateless generator is slow under XLA
+    on CPU, so draws never run there)."""
 
     name: str
     enabled: Callable[[AugmentConfig], bool]
@@ -455,9 +677,12 @@ class AugmentOp:
 
 
 # The one composition, in order, iterated by the tf.data pipeline and by the on-device train step.
+# Intensity ops after the geometry (on the output crop: cheaper, and the resampling does not smooth the
+# noise) and before mixup (each image changed on its own, then mixed, so the mix stays in the window).
 OPS: tuple[AugmentOp, ...] = (
     AugmentOp("window", lambda config: True, None, lambda batch, _, config, __: cast_and_window(batch, config.window)),
     AugmentOp("crop_and_warp", lambda config: True, _crop_warp_draw, _crop_warp_apply, compilable=True),
+    *(_intensity_op(name) for name in _INTENSITY),
     AugmentOp("mixup", lambda config: config.mixup, _mixup_draw, _mixup_apply),
 )
 
@@ -470,7 +695,8 @@ def draw_params(batch: dict, seed, config: AugmentConfig) -> dict:
     """Every op's parameters for one batch, drawn from ``seed`` (int32 [2] or int): ``{op name: dict}``."""
     in_hw, out_hw = output_hw(batch["image"], config)
     batch_size = ops.shape(batch["image"])[0]
-    return {op.name: op.draw(seed, batch_size, in_hw, out_hw, config)
+    channels = batch["image"].shape[-1] or ops.shape(batch["image"])[-1]
+    return {op.name: op.draw(seed, batch_size, in_hw, out_hw, config, channels=channels)
             for op in active_ops(config) if op.draw is not None}
 
 
@@ -482,7 +708,9 @@ def apply_ops(batch: dict, params: dict, config: AugmentConfig, organ_weights=No
 
 
 def augment_batch(batch: dict, seed, config: AugmentConfig, organ_weights=None) -> dict:
-    """The full training augmentation: window, crop + warp, weighted mixup (each per ``config``).
+    """The full training augmentation: window, crop + rotation + zoom + warp (one resampling), the
+    intensity ops (noise, blur, brightness, shift, contrast, inverted gamma, gamma), weighted mixup
+    (each per ``config``).
 
     Args:
         batch: dict with image [B,Hi,Wi,C] HU, masks / dist_maps [B,Hi,Wi,O], annotated [B,O].

@@ -278,12 +278,32 @@ def time_spent(history: list[dict[str, float]], before_epoch: int | None = None)
 
 
 def save_model_atomic(model, path: str | os.PathLike) -> Path:
-    """``model.save`` to a temporary ``.keras`` name beside ``path``, then rename into place."""
+    """``model.save`` without the optimizer's state to a temporary ``.keras`` name beside ``path``, then
+    rename into place.
+
+    Saved models are for prediction and export; a resumed run restores the optimizer from ``backup/``.
+    Adam's two moments would make every file three times the size of the weights.
+    """
     path = Path(path)
     temp = temp_name(path).with_suffix(MODEL_SUFFIX)  # per process; Keras insists on the suffix
     try:
-        model.save(temp)
+        with _optimizer_detached(model):
+            model.save(temp)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def _optimizer_detached(model):
+    """Keras writes whatever ``model.optimizer`` holds; hide it for the save and put it back."""
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        yield
+        return
+    model.optimizer = None
+    try:
+        yield
+    finally:
+        model.optimizer = optimizer

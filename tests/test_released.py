@@ -1,0 +1,112 @@
+"""The released model the package carries: present, small, weights only, its card rendered from its metadata,
+listed by ``hnseg models``, used by ``hnseg predict`` without ``--model`` with the post-processing it records;
+and (with the OpenKBP data beside the checkout) it still scores what its card says."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import h5py
+import pytest
+
+from hnseg_keras import api, cli
+from hnseg_keras.data.phantom import PhantomConfig, generate_case
+from hnseg_keras.inference import released, trust
+from hnseg_keras.inference.model_io import read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+OPENKBP = REPO.parent / "shared" / "data" / "openkbp-hn"
+SIZE_LIMIT_MB = 20.0
+
+
+def released_input_case():
+    """A synthetic head at 3 mm (inside the released model's training spacings), 40 slices."""
+    return generate_case(1, PhantomConfig(size=128, spacing_mm=3.0, slice_spacing_mm=(3.0, 3.0), z_extent_mm=120.0))
+
+
+def test_the_default_model_ships_small_weights_only_and_verified():
+    assert released.DEFAULT in released.names()
+    folder = released.path()
+    metadata = read_metadata(folder)
+    trust.verify_export(folder, metadata, saved_model=False)  # model.keras matches its recorded sha256
+    assert sum(f.stat().st_size for f in folder.iterdir()) / 2**20 < SIZE_LIMIT_MB
+    with zipfile.ZipFile(folder / released.MODEL_FILE) as archive, archive.open("model.weights.h5") as raw, \
+            h5py.File(raw) as weights:
+        assert "optimizer" not in weights
+    assert metadata["organs"] == list(released.HEADLINE_ORGANS)
+    assert set(metadata["prediction"]) >= {"tta", "largest_component"}
+
+
+def test_the_model_card_is_rendered_from_the_metadata_and_names_its_terms():
+    folder = released.path()
+    metadata = read_metadata(folder)
+    card = (folder / released.CARD_FILE).read_text()
+    assert card == released.model_card(metadata)
+    for fact in ("Not a medical device", "research use", "Babier", "TCIA", metadata["release"]["training"]["commit"],
+                 metadata["release"]["training"]["cpu"], f"{metadata['release']['recipe']['steps']:,}"):
+        assert fact in card, fact
+    release = metadata["release"]
+    headline = [release["evaluation"]["organs"][o]["dice"] for o in released.HEADLINE_ORGANS]
+    assert release["headline_dice"] == pytest.approx(sum(headline) / 4)
+    for organ in metadata["organs"]:
+        assert f"| {organ} | {release['evaluation']['organs'][organ]['n']} | " \
+               f"{100 * release['evaluation']['organs'][organ]['dice']:.2f} |" in card
+
+
+def test_hnseg_models_lists_what_the_metadata_records(capsys):
+    assert cli.main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    (row,) = [r for r in rows if r["name"] == released.DEFAULT]
+    metadata = read_metadata(released.path())
+    assert row["default"] and row["organs"] == metadata["organs"]
+    assert row["headline_dice"] == metadata["release"]["headline_dice"]
+    assert row["licence"] == metadata["release"]["licence"] and "research use" in row["licence"]
+    assert row["size_mb"] < SIZE_LIMIT_MB
+    assert cli.main(["models"]) == 0
+    text = capsys.readouterr().out
+    assert f"{100 * metadata['release']['headline_dice']:.1f} %" in text and "(default)" in text
+
+
+def test_an_unknown_released_name_is_one_line():
+    with pytest.raises(Exception, match="carries no released model 'nope'"):
+        api.load_model("nope")
+
+
+def test_predict_without_model_uses_the_released_model_and_its_recorded_post_processing(tmp_path, capsys):
+    from hnseg_keras.data.cases import write_pddca_case
+
+    case = released_input_case()
+    write_pddca_case(case, tmp_path / "ct")
+    assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--preview"]) == 0
+    recorded = read_metadata(released.path())["prediction"]
+    assert f"model: {released.path()}" in capsys.readouterr().err
+    stem = tmp_path / "out" / "ct"  # a PDDCA case is named by its folder
+    for suffix in (".nrrd", ".seg.nrrd", ".qa.json"):
+        assert stem.with_name(stem.name + suffix).is_file(), suffix
+    assert (tmp_path / "out" / "preview" / "ct.png").is_file()
+    qa = json.loads(stem.with_name(stem.name + ".qa.json").read_text())
+    assert qa["post_processing"] == {"tta": recorded["tta"], "largest_component": recorded["largest_component"]}
+    assert qa["organs"] == read_metadata(released.path())["organs"]
+
+    # the flags still override the recorded choice
+    flipped = ["--tta" if not recorded["tta"] else "--no-tta"]
+    assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "other"), *flipped]) == 0
+    qa = json.loads((tmp_path / "other" / "ct.qa.json").read_text())
+    assert qa["post_processing"]["tta"] is not recorded["tta"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not OPENKBP.is_dir(), reason="needs ../shared/data/openkbp-hn")
+def test_the_released_model_scores_on_the_validation_cases_what_its_card_says(tmp_path):
+    """All 33 OpenKBP validation cases through `hnseg predict` (no --model) and `hnseg evaluate`."""
+    assert cli.main(["predict", str(OPENKBP), "--split", "validation", "--out", str(tmp_path / "pred")]) == 0
+    assert cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(OPENKBP / "validation")]) == 0
+    summary = json.loads((tmp_path / "pred" / "evaluation" / "results.json").read_text())["summary"]
+    card = read_metadata(released.path())["release"]["evaluation"]["organs"]
+    for organ, row in card.items():
+        assert summary[organ]["n"] == row["n"]
+        # oneDNN kernels differ between CPUs: a voxel here and there, never a point of Dice
+        assert summary[organ]["dice"]["mean"] == pytest.approx(row["dice"], abs=0.005), organ

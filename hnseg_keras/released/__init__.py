@@ -1,0 +1,1 @@
+"""Package data: one folder per released model (``inference/released.py`` reads them)."""

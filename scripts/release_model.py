@@ -50,8 +50,11 @@ LICENCE = "research use only, as the OpenKBP data it was trained on (cite the Op
 FAILURE_MODES = [
     "Trained and measured on ~4 mm in-plane CTs; on a 1 mm planning CT it works on a 3.9 mm resampled copy, so "
     "thin structures (the mandible's edge, the oesophagus) are coarse. Its accuracy on such CTs is not measured.",
-    "Brain stem: its upper end is drawn at different heights in the training contours; small or short brain "
-    "stems score lowest (a third of the validation brain stems under 70 % Dice in the profile runs).",
+    "Brain stem: its upper end is drawn at different heights in the training contours; short or small brain "
+    "stems score lowest (6 of the 28 validation brain stems under 70 % Dice, pt_213, pt_211 and pt_214 at "
+    "32-53 %: the prediction runs several slices further up or down than the contour).",
+    "pt_221 (validation): a truncated scan whose contours lie 15-20 slices away from the visible anatomy; its "
+    "brain stem is predicted empty (Dice 0), and it is kept in every figure.",
     "A truncated scan (head outside the field of view) can lose organs or place them wrongly; the QA checks "
     "(side, volume, emptiness, pieces) in <case>.qa.json flag most such cases.",
     "It does not contour the spinal cord, larynx or oesophagus (the OpenKBP cases carry them; a seven-organ "

@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
-from hnseg_keras.inputs import augment
+from hnseg_keras.inputs import augment, intensity
 from hnseg_keras.inputs.augment import NNUNET_LIKE, AugmentConfig
 from hnseg_keras.training.config import load_config
 
@@ -235,7 +235,7 @@ def test_blur_of_a_delta_is_the_drawn_gaussian():
     config = dataclasses.replace(PLAIN, blur_probability=1.0)
     out, params = _run_op("blur", _batch(image, np.zeros_like(image)), config)
     sigma, blurred = np.asarray(params["value"]), np.asarray(out["image"])[..., 0] / 100.0
-    assert sigma.min() >= 0.5 and sigma.max() <= 1.0 and augment.blur_radius(config) == 3
+    assert sigma.min() >= 0.5 and sigma.max() <= 1.0 and intensity.blur_radius(config) == 3
     taps = np.arange(-3, 4)
     offsets = np.arange(21) - 10
     for b, s in enumerate(sigma):

@@ -123,7 +123,8 @@ def model_card(meta: dict) -> str:
         *(f"| {o} | {evaluation['organs'][o]['n']} | {100 * evaluation['organs'][o]['dice']:.2f} | "
           f"{evaluation['organs'][o]['hd95_mm']:.2f} |" for o in organs if o in evaluation["organs"]),
         f"| mean of {', '.join(HEADLINE_ORGANS)} | | **{100 * release['headline_dice']:.2f}** | |",
-        f"| mean of all {len(organs)} | | {100 * evaluation['mean_dice']:.2f} | |",
+        *([f"| mean of all {len(organs)} | | {100 * evaluation['mean_dice']:.2f} | |"]
+          if set(organs) != set(HEADLINE_ORGANS) else []),
         "",
         "## Intended use",
         "",

@@ -8,8 +8,9 @@ batch axis, so each sample gets its own crop and warp. Crop, rotation, zoom and 
 resampling at crop offset + (turned and scaled) identity grid + displacement, the same field for image,
 masks (then ``>= 0.5``) and distance maps; integer offsets without rotation, zoom or displacement copy
 pixels exactly. The intensity ops (noise, blur, brightness, shift, contrast, gamma) change the image
-only, in units of the window, and keep it inside the window. Runs in ``tf.data``, under XLA and, being
-``keras.ops`` only, under JAX.
+only, in units of the window, and keep it inside the window; their arithmetic is in ``intensity``, their
+random draws are made here like every other, so the seed tree stays in one module. Runs in ``tf.data``,
+under XLA and, being ``keras.ops`` only, under JAX.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inputs import intensity
 
 # The soft-tissue window of the paper: the one default of the augmentation and the model (pictures use
 # render.DISPLAY_WINDOW, a viewing choice).
@@ -36,6 +38,9 @@ SPATIAL_KEYS: tuple[str, ...] = ("image", "masks", "dist_maps")
 (_TAG_CROP, _TAG_WARP_CHOICE, _TAG_ELASTIC, _TAG_GRID, _TAG_PARTNER, _TAG_LAMBDA, _TAG_AFFINE,
  _TAG_INTENSITY) = range(8)
 _NUM_CHILD_SEEDS = 16
+# Sub-seed of each intensity op under _TAG_INTENSITY, fixed so that reordering the ops keeps the draws.
+_INTENSITY_TAGS = {"noise": 0, "blur": 1, "brightness": 2, "shift": 3, "contrast": 4, "gamma_inverted": 5,
+                   "gamma": 6}
 
 # What ``AugmentConfig.nnunet_like`` switches on: the chance per sample of each op whose probability is
 # left at None (nnU-Net's 2D defaults, but rotation +-15 degrees; see AugmentConfig).
@@ -209,7 +214,7 @@ def _normal(seed, shape):
     return keras.random.normal(shape, dtype="float32", seed=_rng(seed))
 
 
-# ----------------------------------------------------------------------------- intensity
+# ----------------------------------------------------------------------------- window
 
 
 def window_image(image, window: tuple[float, float] | None):
@@ -499,104 +504,6 @@ def apply_mixup(batch: dict, draws: dict, organ_weights, alpha: float) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- nnU-Net-like intensity ops
-# They act on the windowed image in window units u = (HU - centre) / half-width, i.e. the window mapped to
-# [-1, 1], and clip the result back into the window: the model clips to it anyway, so this is the image it
-# sees, and gamma needs a bounded range.
-
-
-def gaussian_blur(values, sigma, radius: int):
-    """Separable Gaussian blur of ``values`` [B,H,W,C] with its own ``sigma`` [B] (pixels) per sample.
-
-    Sampled Gaussian taps -radius..radius normalised to sum 1, mirrored borders. Shifted sums instead of
-    a convolution, because every sample has its own kernel (a depthwise conv shares one over the batch).
-    """
-    taps = ops.arange(-radius, radius + 1, dtype="float32")
-    kernel = ops.exp(-0.5 * ops.square(taps[None, :] / sigma[:, None]))
-    kernel = kernel / ops.sum(kernel, axis=1, keepdims=True)
-
-    def along_rows(x):
-        length = int(x.shape[1])
-        padded = ops.pad(x, [[0, 0], [radius, radius], [0, 0], [0, 0]], mode="symmetric")
-        out = kernel[:, 0, None, None, None] * padded[:, :length]
-        for tap in range(1, 2 * radius + 1):
-            out = out + kernel[:, tap, None, None, None] * padded[:, tap : tap + length]
-        return out
-
-    _static_hw(values)  # the shifted slices need static H and W: say so plainly if they are unknown
-    return ops.swapaxes(along_rows(ops.swapaxes(along_rows(values), 1, 2)), 1, 2)
-
-
-def blur_radius(config: AugmentConfig) -> int:
-    """Kernel half-width in pixels: 3 of the largest sigma."""
-    return max(1, math.ceil(3.0 * config.blur_sigma[1]))
-
-
-def _gamma(unit, gamma, inverted: bool):
-    """Gamma on the window mapped to t in [0, 1]: t ** gamma, or 1 - (1 - t) ** gamma when inverted."""
-    if inverted:
-        return 1.0 - 2.0 * ops.power((1.0 - unit) / 2.0, gamma)
-    return 2.0 * ops.power((unit + 1.0) / 2.0, gamma) - 1.0
-
-
-def _contrast(unit, factor):
-    mean = ops.mean(unit, axis=(1, 2, 3), keepdims=True)
-    return mean + (unit - mean) * factor
-
-
-# name: (sub-seed tag, range field, log-uniform value, change of the window units u [B,H,W,C] with the
-# drawn value v [B,1,1,1] and the op's params and config), in the order they run (nnU-Net's: noise,
-# blur, brightness, contrast, gamma; the additive shift beside the brightness).
-_INTENSITY = {
-    "noise": (0, "noise_variance", False, lambda u, v, params, _: u + ops.sqrt(v) * params["noise"]),
-    "blur": (1, "blur_sigma", False, lambda u, v, _, config: gaussian_blur(u, v[:, 0, 0, 0], blur_radius(config))),
-    "brightness": (2, "brightness_range", False, lambda u, v, params, _: u * v),
-    "shift": (3, "shift_range", False, lambda u, v, params, _: u + v),
-    "contrast": (4, "contrast_range", False, lambda u, v, params, _: _contrast(u, v)),
-    "gamma_inverted": (5, "gamma_range", True, lambda u, v, params, _: _gamma(u, v, inverted=True)),
-    "gamma": (6, "gamma_range", True, lambda u, v, params, _: _gamma(u, v, inverted=False)),
-}
-
-
-def _window_scale(config: AugmentConfig) -> tuple[float, float]:
-    """(centre, half-width) in HU of the window the image was clipped to."""
-    low, high = config.window if config.window is not None else HU_RANGE
-    return (low + high) / 2.0, (high - low) / 2.0
-
-
-def _intensity_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig, channels=1, *, name: str) -> dict:
-    """``chosen`` [B] (bool: the op runs on this sample), ``value`` [B] in the op's range, and for the
-    noise op unit Gaussian ``noise`` [B,Ho,Wo,C]."""
-    tag, range_field, log_uniform, _ = _INTENSITY[name]
-    seed = sub_seed(sub_seed(seed, _TAG_INTENSITY), tag)
-    draws = _uniform(sub_seed(seed, 0), (batch_size, 2))
-    low, high = getattr(config, range_field)
-    if log_uniform:
-        value = low * ops.exp(draws[:, 1] * math.log(high / low))
-    else:
-        value = low + (high - low) * draws[:, 1]
-    params = {"chosen": draws[:, 0] < config.probability(name), "value": value}
-    if name == "noise":
-        params["noise"] = _normal(sub_seed(seed, 1), (batch_size, out_hw[0], out_hw[1], channels))
-    return params
-
-
-def _intensity_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None, *, name: str) -> dict:
-    """The image of the chosen samples changed in window units and clipped to the window; the rest and
-    every other key untouched."""
-    centre, half = _window_scale(config)
-    image = batch["image"]
-    unit = ops.clip((image - centre) / half, -1.0, 1.0)
-    changed = _INTENSITY[name][3](unit, params["value"][:, None, None, None], params, config)
-    changed = ops.clip(changed, -1.0, 1.0) * half + centre
-    return {**batch, "image": ops.where(params["chosen"][:, None, None, None], changed, image)}
-
-
-def _intensity_op(name: str) -> AugmentOp:
-    return AugmentOp(name, lambda config: config.probability(name) > 0.0,
-                     functools.partial(_intensity_draw, name=name), functools.partial(_intensity_apply, name=name))
-
-
 # ----------------------------------------------------------------------------- the ops, in order
 
 
@@ -661,6 +568,25 @@ def _mixup_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights
     return apply_mixup(batch, params, organ_weights, config.mixup_alpha)
 
 
+def _intensity_draw(seed, batch_size, in_hw, out_hw, config: AugmentConfig, channels=1, *, name: str) -> dict:
+    """The random numbers of intensity op ``name`` (uniforms, and Gaussian noise for the noise op), made
+    into its params by :func:`intensity.params_from_draws`."""
+    seed = sub_seed(sub_seed(seed, _TAG_INTENSITY), _INTENSITY_TAGS[name])
+    draws = _uniform(sub_seed(seed, 0), (batch_size, 2))
+    noise = _normal(sub_seed(seed, 1), (batch_size, out_hw[0], out_hw[1], channels)) if name == "noise" else None
+    return intensity.params_from_draws(draws, noise, config, name)
+
+
+def _intensity_apply(batch: dict, params: dict, config: AugmentConfig, organ_weights=None, *, name: str) -> dict:
+    window = config.window if config.window is not None else HU_RANGE
+    return intensity.apply_op(batch, params, window, config, name)
+
+
+def _intensity_op(name: str) -> AugmentOp:
+    return AugmentOp(name, lambda config: config.probability(name) > 0.0,
+                     functools.partial(_intensity_draw, name=name), functools.partial(_intensity_apply, name=name))
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentOp:
     """One step of the augmentation: ``draw(seed, batch_size, in_hw, out_hw, config, channels) -> params``
@@ -682,7 +608,7 @@ class AugmentOp:
 OPS: tuple[AugmentOp, ...] = (
     AugmentOp("window", lambda config: True, None, lambda batch, _, config, __: cast_and_window(batch, config.window)),
     AugmentOp("crop_and_warp", lambda config: True, _crop_warp_draw, _crop_warp_apply, compilable=True),
-    *(_intensity_op(name) for name in _INTENSITY),
+    *(_intensity_op(name) for name in intensity.OPS),
     AugmentOp("mixup", lambda config: config.mixup, _mixup_draw, _mixup_apply),
 )
 

@@ -5,7 +5,9 @@ docs/ARCHITECTURE.md: ``image`` int16 HU [H,W,C], ``masks`` uint8 [H,W,O], ``dis
 [H,W,O], ``annotated`` uint8 [O], plus ids that are dropped here); thin wrappers read them from a
 manifest with ``shards.read_split``. Training::
 
-    examples -> (repeat rare-organ slices) -> shuffle -> batch (drop remainder) -> draw -> augment.OPS (window, crop + rotation/zoom + warp, intensity ops, mixup) -> pack
+    examples -> (repeat rare-organ slices) -> shuffle -> batch (drop remainder) -> draw
+        -> augment.OPS (window, crop + rotation/zoom + warp, the intensity ops noise, blur, brightness,
+           shift, contrast, inverted gamma, gamma, mixup) -> pack
 
 where each batch carries its own stateless seed, so the stream is reproducible for a
 ``PipelineConfig.seed`` and still differs from epoch to epoch. ``x`` is the windowed HU image

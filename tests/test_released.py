@@ -11,7 +11,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from hnseg_keras import api, cli
+from hnseg_keras import cli
 from hnseg_keras.data.phantom import PhantomConfig, generate_case
 from hnseg_keras.inference import released, trust
 from hnseg_keras.inference.model_io import read_metadata
@@ -69,11 +69,6 @@ def test_hnseg_models_lists_what_the_metadata_records(capsys):
     assert f"{100 * metadata['release']['headline_dice']:.1f} %" in text and "(default)" in text
 
 
-def test_an_unknown_released_name_is_one_line():
-    with pytest.raises(Exception, match="carries no released model 'nope'"):
-        api.load_model("nope")
-
-
 def test_predict_without_model_uses_the_released_model_and_its_recorded_post_processing(tmp_path, capsys):
     from hnseg_keras.data.cases import write_pddca_case
 
@@ -81,7 +76,9 @@ def test_predict_without_model_uses_the_released_model_and_its_recorded_post_pro
     write_pddca_case(case, tmp_path / "ct")
     assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--preview"]) == 0
     recorded = read_metadata(released.path())["prediction"]
-    assert f"model: {released.path()}" in capsys.readouterr().err
+    tta, largest = ("on" if recorded[k] else "off" for k in ("tta", "largest_component"))
+    assert (f"model {released.path() / 'model.keras'} (left-right TTA {tta}, largest component {largest})"
+            in capsys.readouterr().err)
     stem = tmp_path / "out" / "ct"  # a PDDCA case is named by its folder
     for suffix in (".nrrd", ".seg.nrrd", ".qa.json"):
         assert stem.with_name(stem.name + suffix).is_file(), suffix

@@ -154,9 +154,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     predictor = load_predictor(args.model or released.path(), saved_model=args.saved_model)
     args.tta, args.largest_component = predictor.post_processing(args.tta, args.largest_component)
-    print(f"model: {predictor.source} ({len(predictor.organs)} organs; left-right TTA "
-          f"{'on' if args.tta else 'off'}, largest component {'on' if args.largest_component else 'off'})",
-          file=sys.stderr)
     if args.organs:
         args.organs = chosen_organs(args.organs, predictor)
     if predictor.spacing_unknown():
@@ -303,7 +300,9 @@ def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, arg
     progress.finish(f"{total_seconds / max(done, 1):.2f} s per case, {total_slices / max(total_seconds, 1e-9):.1f} "
                     f"slices/s overall; label maps, Slicer .seg.nrrd files, QA records"
                     f"{' and previews' if args.preview else ''} in {out_dir}"
-                    + (f"; {len(failures)} failed" if failures else ""))
+                    + (f"; {len(failures)} failed" if failures else "")
+                    + f"; model {predictor.source} (left-right TTA {'on' if args.tta else 'off'}, largest "
+                      f"component {'on' if args.largest_component else 'off'})")
     report_qa(flagged, done)
     if getattr(args, "strict_qa", False):
         failures += [(case_id, f"anatomical check failed (--strict-qa): {'; '.join(texts)}")

@@ -19,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hnseg_keras import cli, configs
@@ -26,6 +27,7 @@ from hnseg_keras.data.organs import TG263_NAMES
 from hnseg_keras.files import atomic_path
 from hnseg_keras.inference import released, trust
 from hnseg_keras.inference.model_io import METADATA_FILE, MODEL_FILE, load_keras_model, read_metadata
+from hnseg_keras.training.run_folder import RunFolder, read_history, time_spent
 
 REPO = Path(__file__).resolve().parents[1]
 CANDIDATES = {  # name -> (tta, largest_component); in order of cost, so a tie keeps the cheaper one
@@ -107,23 +109,14 @@ def cpu_name() -> str:
 
 
 def training_record(run: Path, commit: str) -> dict:
-    config = json.loads((run / "config.json").read_text())
-    rows = list(csvrows(run / "history.csv"))
+    folder = RunFolder(run)
+    config = json.loads(folder.config_file.read_text())
+    rows = read_history(folder.history_file)
+    finished = datetime.fromtimestamp(folder.history_file.stat().st_mtime, timezone.utc)
     return {
-        "epochs": len(rows), "steps": len(rows) * config["steps_per_epoch"],
-        "minutes": sum(float(r["epoch_time_s"]) for r in rows) / 60.0,
-        "cpu": cpu_name(), "commit": commit,
-        "date": subprocess.run(["date", "-u", "-r", str(run / "history.csv"), "+%Y-%m-%d"], capture_output=True,
-                               text=True).stdout.strip(),
-        "config": config,
+        "epochs": len(rows), "steps": len(rows) * config["steps_per_epoch"], "minutes": time_spent(rows) / 60.0,
+        "cpu": cpu_name(), "commit": commit, "date": finished.strftime("%Y-%m-%d"), "config": config,
     }
-
-
-def csvrows(path: Path):
-    import csv
-
-    with path.open(newline="") as handle:
-        yield from csv.DictReader(handle)
 
 
 def package(export: Path, run: Path, name: str, best: str, results: dict[str, dict], commit: str,

@@ -15,10 +15,9 @@ from importlib import resources
 from pathlib import Path
 
 from hnseg_keras.errors import HnsegError
+from hnseg_keras.inference.model_io import METADATA_FILE, MODEL_FILE, read_metadata
 
 DEFAULT = "openkbp-hn4-s"
-METADATA_FILE = "metadata.json"  # as model_io.METADATA_FILE (kept here: listing models loads no TensorFlow)
-MODEL_FILE = "model.keras"
 CARD_FILE = "MODEL_CARD.md"
 HEADLINE_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R")  # the four organs all results quote
 
@@ -46,7 +45,7 @@ def path(name: str | None = None) -> Path:
 
 
 def metadata(name: str | None = None) -> dict:
-    return json.loads((path(name) / METADATA_FILE).read_text())
+    return read_metadata(path(name))
 
 
 def describe(name: str) -> dict:

@@ -18,9 +18,9 @@ cd "$(dirname "$0")/.."
 
 PROFILE=${1:-short}
 case "$PROFILE" in
-  short) CONFIG=configs/openkbp.json ;;
-  long) CONFIG=configs/openkbp_long.json ;;
-  release) CONFIG=configs/openkbp_release.json ;;
+  short) CONFIG=configs/openkbp.json; PREPARE=configs/openkbp_prepare.json; SHARDS_NAME=shards ;;
+  long) CONFIG=configs/openkbp_long.json; PREPARE=configs/openkbp_prepare.json; SHARDS_NAME=shards ;;
+  release) CONFIG=configs/openkbp_release.json; PREPARE=configs/openkbp_release_prepare.json; SHARDS_NAME=shards-release ;;
   *) echo "usage: scripts/openkbp.sh [short|long|release]" >&2; exit 2 ;;
 esac
 BUDGET_MIN=${OPENKBP_BUDGET_MIN:-}
@@ -39,19 +39,20 @@ if [[ ! -d "$DATA/train" || ! -d "$DATA/validation" ]]; then
 fi
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
-# Prepare flags from configs/openkbp_prepare.json (organs + slicing), so the JSON is the one source.
-read -r -a PREPARE_FLAGS < <("$PYTHON" - <<'EOF'
+# Prepare flags from the profile's prepare config (organs + slicing), so the JSON is the one source.
+read -r -a PREPARE_FLAGS < <(PREPARE="$PREPARE" "$PYTHON" - <<'EOF'
+import os
 from hnseg_keras import configs
 from hnseg_keras.data.prepare import PrepareConfig
-c = configs.from_dict(PrepareConfig, configs.read_json("configs/openkbp_prepare.json"))
+c = configs.from_dict(PrepareConfig, configs.read_json(os.environ["PREPARE"]))
 s = c.slicing
 spacing = "none" if s.spacing_mm is None else s.spacing_mm
 print("--organs", *c.organs, "--size", s.size, "--spacing", spacing, "--neighbours", s.neighbours,
       "--empty-margin", s.empty_slice_margin, "--empty-share", s.empty_slice_share)
 EOF
 )
-ORGANS=$("$PYTHON" -c 'from hnseg_keras import configs; print(*configs.read_json("configs/openkbp_prepare.json")["organs"])')
-SHARDS=$WORK/shards
+ORGANS=$("$PYTHON" -c 'import sys; from hnseg_keras import configs; print(*configs.read_json(sys.argv[1])["organs"])' "$PREPARE")
+SHARDS=$WORK/$SHARDS_NAME
 RUN=$WORK/$PROFILE/run
 EXPORT=$WORK/$PROFILE/export
 PRED=$WORK/$PROFILE/pred

@@ -29,6 +29,10 @@ def soft_dice(num_organs, smooth=1.0):
     return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth)
 
 
+def batch_dice(num_organs, smooth=1.0):
+    return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth, dice_over="batch")
+
+
 def boundary(num_organs):
     return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=0.0, boundary_weight=1.0)
 
@@ -39,6 +43,7 @@ def _all_losses(num_organs):
         soft_dice(num_organs),
         boundary(num_organs),
         SegmentationLoss(num_organs, focal_weight=0.5, dice_weight=2.0, boundary_weight=0.1),
+        batch_dice(num_organs),
     ]
 
 
@@ -88,6 +93,36 @@ def _two_samples():
     return masks, np.zeros_like(masks), annotated, p
 
 
+def test_batch_dice_by_hand():
+    # Organ 0 over both slices: sum(p y) = 2, sum(p) = 2 + 4 * 0.5, sum(y) = 2 -> 1 - (4 + 1) / (6 + 1).
+    # Organ 1 over slice 0 only (slice 1 unannotated): 1 - 1 / (1 + 1). Each annotated pair gets its
+    # organ's value: (2 * d0 + d1) / 3.
+    masks, dist, annotated, p = _two_samples()
+    d0, d1 = 1 - 5 / 7, 0.5
+    value = _value(batch_dice(2), pack_targets(masks, dist, annotated), p)
+    assert value == pytest.approx((2 * d0 + d1) / 3, rel=1e-5)
+    # One slice alone: the same as the per-slice Dice.
+    one = pack_targets(Y, D, ONE)
+    assert _value(batch_dice(1), one, P) == pytest.approx(_value(soft_dice(1), one, P), rel=1e-6)
+
+
+def test_batch_dice_asks_less_of_an_absent_slice():
+    # The organ is absent from slice 1, predicted at 0.05 there: per slice that slice alone costs
+    # 1 - 1 / (0.2 + 1) = 0.17; over the batch it only adds 0.2 to the organ's denominator.
+    masks, dist, annotated, p = _two_samples()
+    p[1, :, :, 0] = 0.05
+    y = pack_targets(masks[..., :1], dist[..., :1], annotated[:, :1])
+    per_slice, over_batch = _value(soft_dice(1), y, p[..., :1]), _value(batch_dice(1), y, p[..., :1])
+    assert per_slice == pytest.approx((0.0 + (1 - 1 / 1.2)) / 2, rel=1e-5)
+    assert over_batch == pytest.approx(1 - 5 / 5.2, rel=1e-5)
+    assert over_batch < per_slice / 2
+
+
+def test_dice_over_is_checked():
+    with pytest.raises(ValueError, match="dice_over"):
+        SegmentationLoss(1, dice_over="volume")
+
+
 def test_dice_averages_over_annotated_pairs_only():
     masks, dist, annotated, p = _two_samples()
     # Pairs: (0,0) -> 0; (0,1) -> 1 - 1/2; (1,0) -> 1 - 1/(2+1); (1,1) not annotated.
@@ -95,7 +130,7 @@ def test_dice_averages_over_annotated_pairs_only():
     assert _value(soft_dice(2), pack_targets(masks, dist, annotated), p) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(len(_all_losses(1))))
 def test_missing_annotation_zero_loss_and_gradient(index):
     masks, dist, annotated, p = _two_samples()
     dist[..., 1] = 5.0  # would matter to the boundary term if organ 1 of sample 1 were counted
@@ -112,7 +147,7 @@ def test_missing_annotation_zero_loss_and_gradient(index):
     assert _value(loss, y, changed) == pytest.approx(float(value), rel=1e-6)
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(len(_all_losses(1))))
 def test_nothing_annotated_gives_zero(index):
     masks, dist, _, p = _two_samples()
     y = pack_targets(masks, dist, np.zeros((2, 2), "float32"))
@@ -134,7 +169,7 @@ def _mixup_case():
     return (first, dist1, flags1), (second, dist2, flags2), p
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(len(_all_losses(1))))
 def test_mixup_is_lambda_weighted_sum(index):
     target1, target2, p = _mixup_case()
     lam = 0.3
@@ -169,7 +204,7 @@ def test_sample_weights_fold_into_the_masked_mean():
     assert loss(y, p).shape == ()
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(len(_all_losses(1))))
 def test_config_round_trip(index):
     loss = _all_losses(2)[index]
     clone = keras.losses.deserialize(keras.losses.serialize(loss))

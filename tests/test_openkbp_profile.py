@@ -16,7 +16,7 @@ from hnseg_keras import configs
 from hnseg_keras.data.prepare import PrepareConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN_CONFIGS = ("openkbp.json", "openkbp_long.json")
+TRAIN_CONFIGS = ("openkbp.json", "openkbp_long.json", "openkbp_release.json")
 PREPARE_CONFIG = REPO / "configs" / "openkbp_prepare.json"
 DATA = Path(os.environ.get("OPENKBP_DATA", REPO.parent / "shared" / "data" / "openkbp-hn"))
 ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R")
@@ -52,6 +52,20 @@ def test_budgets_fit_the_issue_and_the_long_run_anneals():
     long = load_config(None, REPO / "configs" / "openkbp_long.json")
     assert short.max_train_minutes <= 36 and long.max_train_minutes <= 3 * 36
     assert short.lr_schedule == "plateau" and long.lr_schedule == "cosine"
+
+
+def test_release_is_the_profile_slicing_for_seven_organs_at_a_fixed_step_count():
+    from hnseg_keras.data.organs import TG263_NAMES
+    from hnseg_keras.training.config import load_config
+
+    release = configs.from_dict(PrepareConfig, configs.read_json(REPO / "configs" / "openkbp_release_prepare.json"))
+    assert release.slicing == profile_prepare_config().slicing
+    assert set(ORGANS) < set(release.organs) and len(release.organs) == 7
+    assert all(organ in TG263_NAMES for organ in release.organs)
+    config = load_config(None, REPO / "configs" / "openkbp_release.json")
+    assert config.max_train_minutes is None  # steps, not minutes: the same model on any machine
+    assert config.epochs * config.steps_per_epoch == 8000
+    assert config.loss.dice_over == "batch"  # per-slice Dice lost six of the seven organs
 
 
 def test_prepare_config_is_native_2p5d_for_the_four_organs():

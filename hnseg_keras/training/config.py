@@ -32,12 +32,17 @@ LR_SCHEDULES = ("plateau", "cosine")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of ``losses.SegmentationLoss``: focal + Dice (+ boundary, optionally ramped over epochs)."""
+    """Weights of ``losses.SegmentationLoss``: focal + Dice (+ boundary, optionally ramped over epochs).
+
+    ``dice_over``: ``"slice"`` (one soft Dice per slice and organ) or ``"batch"`` (one per organ over
+    the batch; needed when organs are absent from most slices, see ``losses.batch_dice_terms``).
+    """
 
     focal_weight: float = 1.0
     dice_weight: float = 1.0
     boundary_weight: float = 0.0
     boundary_ramp_epochs: int = 0
+    dice_over: str = "slice"
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,8 @@ def package(export: Path, run: Path, name: str, best: str, results: dict[str, di
                    "batch_size": config["pipeline"]["batch_size"],
                    "description": f"{training['epochs']} epochs x {config['steps_per_epoch']} steps, Adam, half-cosine "
                                   f"learning rate {config['learning_rate']:g} -> {config['learning_rate'] / 100:g}, "
-                                  f"focal + Dice loss, random {config['augment']['crop_size']} px crops; the final "
+                                  f"focal + {'batch ' if config['loss'].get('dice_over') == 'batch' else ''}"
+                                  f"Dice loss, random {config['augment']['crop_size']} px crops; the final "
                                   "model (no epoch chosen on validation cases)"},
         "training": training,
         "parameters": int(model.count_params()),

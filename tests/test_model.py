@@ -9,11 +9,12 @@ import pytest
 from hnseg_keras import configs
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inputs.targets import pack_targets
-from hnseg_keras.model.losses import SegmentationLoss
+from hnseg_keras.model.losses import SegmentationLoss, focal_terms
 from hnseg_keras.model.metrics import dice_metrics
 from hnseg_keras.model.unet import (
     VARIANTS,
     HUWindowNormalize,
+    OrganProbabilities,
     SpatialSizeCheck,
     UNetConfig,
     build_unet,
@@ -125,8 +126,33 @@ def test_the_model_clips_to_the_window_it_is_built_with():
     assert build_unet(_tiny()).get_layer("hu_window").window == (-155.0, 195.0)  # the paper's, by default
 
 
+def test_organ_probabilities_keep_a_gradient_where_the_sigmoid_has_none():
+    import tensorflow as tf
+
+    logits = np.array([-60.0, -30.0, -3.0, 0.0, 3.0, 60.0], "float32").reshape(1, 1, 6, 1)
+    layer = OrganProbabilities()
+    p = keras.ops.convert_to_numpy(layer(logits)).ravel()
+    sigmoid = 1.0 / (1.0 + np.exp(-logits.ravel().astype("float64")))
+    np.testing.assert_allclose(p, np.clip(sigmoid, 1e-7, 1 - 1e-7), rtol=1e-6, atol=1e-12)
+    assert p.min() == np.float32(1e-7) and p.max() == np.float32(1 - 1e-7)
+
+    # Every pixel is organ: the focal loss asks every logit to rise. Through a plain sigmoid the two
+    # lowest get (almost) nothing; through the layer each still gets about -0.5 / 6 (pixel mean).
+    def gradient(head):
+        z = tf.Variable(logits)
+        with tf.GradientTape() as tape:
+            loss = keras.ops.sum(focal_terms(head(z), np.ones_like(logits)))
+        return tape.gradient(loss, z).numpy().ravel()
+
+    plain, floored = gradient(keras.ops.sigmoid), gradient(layer)
+    assert np.all(np.abs(plain[:2]) < 1e-6)
+    np.testing.assert_allclose(floored[:2], -0.5 / 6, rtol=0.02)
+    np.testing.assert_allclose(floored[2:5], plain[2:5], rtol=1e-5)  # unchanged where the sigmoid is alive
+
+
 def test_layers_config_round_trip():
-    for layer in (HUWindowNormalize((-100.0, 300.0), 12.5, 80.0, name="w"), SpatialSizeCheck(8, name="s")):
+    for layer in (HUWindowNormalize((-100.0, 300.0), 12.5, 80.0, name="w"), SpatialSizeCheck(8, name="s"),
+                  OrganProbabilities(1e-6, name="p")):
         config = layer.get_config()
         clone = type(layer).from_config(config)
         assert clone.get_config() == config

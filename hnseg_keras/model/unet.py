@@ -11,7 +11,8 @@ Architecture (read ``build_unet`` top to bottom):
   (strided 3x3 conv, 1x1 stride-2 projection shortcut), ``units_per_level`` units per level;
 - decoder: 2x2 transposed conv (x2 up-sampling), concatenation with the encoder skip, 1x1 fuse conv
   back to the level's width, one residual unit;
-- head: 1x1 conv to one logit per organ and a per-organ sigmoid, ``probabilities`` [B, H, W, O].
+- head: 1x1 conv to one logit per organ and a per-organ sigmoid whose gradient cannot vanish
+  (``OrganProbabilities``), ``probabilities`` [B, H, W, O].
 
 A residual unit is ``convs_per_unit`` times (conv -> norm -> activation) plus a shortcut (identity, or
 a 1x1 projection when channels or stride change). With one conv per unit and filters 64..1024, one unit
@@ -156,7 +157,7 @@ def build_unet(config: UNetConfig, image_size: int | tuple[int, int] | None = No
     # a softmax with background would have to count the unannotated organ's pixels as background (or
     # as another organ) and so push their probability down. float32 so the losses get full precision
     # under mixed precision.
-    probabilities = layers.Activation("sigmoid", dtype="float32", name="probabilities")(logits)
+    probabilities = OrganProbabilities(dtype="float32", name="probabilities")(logits)
     return keras.Model(ct, probabilities, name=config.name)
 
 
@@ -234,6 +235,44 @@ def check_image_size(height, width, multiple: int = 16, what: str = "image") -> 
                 f"crop or pad the slices to a multiple of {multiple} (e.g. SlicingConfig.size)"
             )
 
+
+
+@keras.saving.register_keras_serializable(package="hnseg_keras")
+class OrganProbabilities(layers.Layer):
+    """Per-organ sigmoid held inside ``[floor, 1 - floor]``, with the sigmoid's slope taken there.
+
+    The losses read probabilities, and ``log(p + 1e-7)`` times the sigmoid's slope ``p (1 - p)`` has no
+    gradient left once an organ's logits fall below about -16 everywhere: the channel then stays at zero
+    for good (OpenKBP's larynx and oesophagus did, from their first epochs). Clipping at ``floor`` and
+    using the slope at the clipped value keeps the push on a missed organ pixel near -0.5 per pixel, as
+    a loss computed from logits would; the forward value differs from the sigmoid by at most ``floor``.
+    Models saved with a plain sigmoid layer still load and predict as before.
+    """
+
+    def __init__(self, floor: float = 1e-7, **kwargs):
+        super().__init__(**kwargs)
+        self.floor = float(floor)
+
+    def call(self, logits):
+        low, high = self.floor, 1.0 - self.floor
+
+        @ops.custom_gradient
+        def floored_sigmoid(x):
+            p = ops.clip(ops.sigmoid(x), low, high)
+
+            def grad(*args, upstream=None):
+                upstream = args[0] if upstream is None else upstream
+                return upstream * p * (1.0 - p)
+
+            return p, grad
+
+        return floored_sigmoid(ops.cast(logits, self.compute_dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "floor": self.floor}
 
 
 @keras.saving.register_keras_serializable(package="hnseg_keras")

@@ -4,7 +4,7 @@ For a notebook or a hospital's own service, so that nothing needs the internal m
 
     from hnseg_keras import api
 
-    result = api.segment("patient01/ct.nii.gz")          # the released model: seven organs, no training
+    result = api.segment("patient01/ct.nii.gz")          # the released model, no training
     manifest = api.prepare("/data/PDDCA", "tfrecords/pddca", spacing_mm=1.0)
     run = api.train("tfrecords/pddca/manifest.json", "runs/pddca-s", variant="S")
     model = api.load_model(api.export(run, "models/pddca-s"))
@@ -124,7 +124,7 @@ def segment(image, model=None, *, organs: Sequence[str] | None = None, tta: bool
     case = _read(image, oblique)
     model = load_model() if model is None else model
     tta, largest_component = model.post_processing(tta, largest_component)
-    wanted = chosen_organs(organs, model) if organs else None
+    wanted = chosen_organs(organs, model) if organs else model.default_organs()
     seg, record = segment_and_check(case, model, wanted, batch_size, tta, largest_component)
     seg, case = on_own_grid(seg, case)
     labels = np.ascontiguousarray(seg.label_map())

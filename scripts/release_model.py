@@ -63,7 +63,9 @@ FAILURE_MODES = [
     "No contrast-enhanced, paediatric, prone or post-surgical anatomy was checked; metal artefacts (dental "
     "fillings) are in the data but not measured separately.",
 ]
-WEAK_DICE = 0.5  # validation cases under this Dice are named in the card, organ by organ
+WEAK_DICE = 0.5  # validation cases under this Dice are named in the card, organ by organ (the lowest few)
+NAMED_CASES = 5
+MINIMUM_DICE = 0.5  # an organ whose mean validation Dice is lower is left out of what predict writes by default
 
 
 def hnseg(argv: list[str]) -> None:
@@ -97,8 +99,10 @@ def weak_cases(result: dict, below: float = WEAK_DICE) -> list[str]:
                   if organ in row and row[organ]["dice"] is not None]
         low = sorted(pair for pair in scored if pair[0] < below)
         if low:
-            lines.append(f"{organ}: {len(low)} of {len(scored)} validation cases under {100 * below:.0f} % Dice ("
-                         + ", ".join(f"{case} {100 * dice:.0f} %" for dice, case in low) + ").")
+            named = ", ".join(f"{case} {100 * dice:.0f} %" for dice, case in low[:NAMED_CASES])
+            more = f", {len(low) - NAMED_CASES} more" if len(low) > NAMED_CASES else ""
+            lines.append(f"{organ}: {len(low)} of {len(scored)} validation cases under {100 * below:.0f} % Dice "
+                         f"({named}{more}).")
     return lines
 
 
@@ -145,6 +149,8 @@ def package(export: Path, run: Path, name: str, best: str, results: dict[str, di
         metadata.pop(key, None)
     metadata["prediction"] = {
         "tta": tta, "largest_component": largest,
+        "organs": [o for o in metadata["organs"] if chosen["summary"][o]["dice"]["mean"] >= MINIMUM_DICE],
+        "minimum_dice": MINIMUM_DICE,
         "chosen_on": "mean 3D Dice over the model's organs on the OpenKBP validation cases",
         "candidates": {n: r["summary"]["mean"]["dice"]["mean"] for n, r in results.items()},
     }

@@ -77,15 +77,18 @@ def test_predict_without_model_uses_the_released_model_and_its_recorded_post_pro
     assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--preview"]) == 0
     recorded = read_metadata(released.path())["prediction"]
     tta, largest = ("on" if recorded[k] else "off" for k in ("tta", "largest_component"))
-    assert (f"model {released.path() / 'model.keras'} (left-right TTA {tta}, largest component {largest})"
-            in capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert f"model {released.path() / 'model.keras'} (left-right TTA {tta}, largest component {largest}" in err
+    metadata = read_metadata(released.path())
+    left_out = [o for o in metadata["organs"] if o not in recorded.get("organs", metadata["organs"])]
+    assert (f"left out for low validation Dice: {', '.join(left_out)}" in err) == bool(left_out)
     stem = tmp_path / "out" / "ct"  # a PDDCA case is named by its folder
     for suffix in (".nrrd", ".seg.nrrd", ".qa.json"):
         assert stem.with_name(stem.name + suffix).is_file(), suffix
     assert (tmp_path / "out" / "preview" / "ct.png").is_file()
     qa = json.loads(stem.with_name(stem.name + ".qa.json").read_text())
     assert qa["post_processing"] == {"tta": recorded["tta"], "largest_component": recorded["largest_component"]}
-    assert qa["organs"] == read_metadata(released.path())["organs"]
+    assert qa["organs"] == recorded.get("organs", metadata["organs"])
 
     # the flags still override the recorded choice
     flipped = ["--tta" if not recorded["tta"] else "--no-tta"]
@@ -102,8 +105,37 @@ def test_the_released_model_scores_on_the_validation_cases_what_its_card_says(tm
     assert cli.main(["predict", str(OPENKBP), "--split", "validation", "--out", str(tmp_path / "pred")]) == 0
     assert cli.main(["evaluate", "--pred", str(tmp_path / "pred"), "--gt", str(OPENKBP / "validation")]) == 0
     summary = json.loads((tmp_path / "pred" / "evaluation" / "results.json").read_text())["summary"]
-    card = read_metadata(released.path())["release"]["evaluation"]["organs"]
-    for organ, row in card.items():
+    metadata = read_metadata(released.path())
+    card, written = metadata["release"]["evaluation"]["organs"], metadata["prediction"]["organs"]
+    assert set(summary) - {"mean"} == set(written)  # organs left out by default are not written
+    for organ, row in ((o, card[o]) for o in written):
         assert summary[organ]["n"] == row["n"]
         # oneDNN kernels differ between CPUs: a voxel here and there, never a point of Dice
         assert summary[organ]["dice"]["mean"] == pytest.approx(row["dice"], abs=0.005), organ
+
+
+def test_organs_the_metadata_leaves_out_are_written_only_when_named(tmp_path, capsys):
+    """A release may leave out an organ it scored too low on: predict, api and the card all honour it."""
+    import shutil
+
+    from hnseg_keras import api, configs
+    from hnseg_keras.data.cases import write_pddca_case
+
+    model = tmp_path / "model"
+    shutil.copytree(released.path(), model)
+    metadata = read_metadata(model)
+    *kept, dropped = metadata["organs"]
+    metadata["prediction"] = {**metadata["prediction"], "organs": kept, "minimum_dice": 0.5}
+    configs.write_json_atomic(model / "metadata.json", metadata)
+    card = released.model_card(metadata)
+    assert f"| {dropped} | " in card and card.count("| no |") == 1 and f"{dropped}: the model has" in card
+
+    write_pddca_case(released_input_case(), tmp_path / "ct")
+    assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--model", str(model)]) == 0
+    assert f"left out for low validation Dice: {dropped} (--organs writes them)" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "ct.qa.json").read_text())["organs"] == kept
+    assert cli.main(["predict", str(tmp_path / "ct"), "--out", str(tmp_path / "named"), "--model", str(model),
+                     "--organs", dropped]) == 0
+    assert json.loads((tmp_path / "named" / "ct.qa.json").read_text())["organs"] == [dropped]
+    assert "left out" not in capsys.readouterr().err
+    assert api.segment(tmp_path / "ct", api.load_model(model)).organs == tuple(kept)

@@ -129,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     layouts.add_arguments(parser, organ_options=False)
     parser.add_argument("--preview", action="store_true", help="also write OUT/preview/<case>.png (three views)")
     parser.add_argument("--organs", nargs="+", metavar="ORGAN",
-                        help="write only these organs (default: every organ the model segments)")
+                        help="write only these organs (default: every organ the model segments, less any its "
+                             "metadata leaves out for low validation Dice)")
     parser.add_argument("--roi-names", choices=("catalogue", "tg263"), default="catalogue",
                         help="RTSTRUCT ROI names: the catalogue's (Parotid_L) or TG-263 (Parotid_L, Glnd_Submand_L, "
                              "Bone_Mandible, ...)")
@@ -155,7 +156,10 @@ def run(args: argparse.Namespace) -> int:
     predictor = load_predictor(args.model or released.path(), saved_model=args.saved_model)
     args.tta, args.largest_component = predictor.post_processing(args.tta, args.largest_component)
     if args.organs:
-        args.organs = chosen_organs(args.organs, predictor)
+        args.organs, args.withheld = chosen_organs(args.organs, predictor), []
+    else:  # a released model may leave out an organ it scored too low on; say so at the end
+        args.organs = predictor.default_organs()
+        args.withheld = predictor.left_out(args.organs)
     if predictor.spacing_unknown():
         log.warning("%s was trained on each CT's own in-plane spacing but does not record which (made before this "
                     "was recorded); CTs are segmented at their own spacing, which is right only near the training "
@@ -302,7 +306,9 @@ def predict_all(items: list[CaseInput], predictor: Predictor, out_dir: Path, arg
                     f"{' and previews' if args.preview else ''} in {out_dir}"
                     + (f"; {len(failures)} failed" if failures else "")
                     + f"; model {predictor.source} (left-right TTA {'on' if args.tta else 'off'}, largest "
-                      f"component {'on' if args.largest_component else 'off'})")
+                      f"component {'on' if args.largest_component else 'off'}"
+                    + (f"; left out for low validation Dice: {', '.join(withheld)} (--organs writes them)"
+                       if (withheld := getattr(args, "withheld", [])) else "") + ")")
     report_qa(flagged, done)
     if getattr(args, "strict_qa", False):
         failures += [(case_id, f"anatomical check failed (--strict-qa): {'; '.join(texts)}")

@@ -62,6 +62,8 @@ class Predictor:
             orientation, fixed or native in-plane spacing, organ volume ranges); None for older models.
         prediction: post-processing recorded with the model (``tta``, ``largest_component``: chosen on its
             validation cases for a released model), applied unless the caller chooses; None = both off.
+            ``organs``, where recorded, are the organs written by default: a released model leaves out
+            an organ it scored too low on to be of use.
     """
 
     organs: tuple[str, ...]
@@ -79,6 +81,15 @@ class Predictor:
         return (bool(recorded.get("tta", False)) if tta is None else bool(tta),
                 bool(recorded.get("largest_component", False)) if largest_component is None
                 else bool(largest_component))
+
+    def default_organs(self) -> list[str] | None:
+        """The organs the model records to write when the caller names none; None = all of them."""
+        recorded = (self.prediction or {}).get("organs")
+        return None if recorded is None or list(recorded) == list(self.organs) else list(recorded)
+
+    def left_out(self, organs: Sequence[str] | None) -> list[str]:
+        """The model's organs that ``organs`` (None = all) does not write."""
+        return [] if not organs else [o for o in self.organs if o not in set(organs)]
 
     def slicing_for(self, spacing: Sequence[float]) -> tuple[SlicingConfig, str]:
         """The slicing for a CT of in-plane ``spacing`` (x, y mm), and a note saying how its grid was changed.

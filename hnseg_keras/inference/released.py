@@ -17,7 +17,7 @@ from pathlib import Path
 from hnseg_keras.errors import HnsegError
 from hnseg_keras.inference.model_io import METADATA_FILE, MODEL_FILE, read_metadata
 
-DEFAULT = "openkbp-hn4-s"
+DEFAULT = "openkbp-hn7-s"
 CARD_FILE = "MODEL_CARD.md"
 HEADLINE_ORGANS = ("BrainStem", "Mandible", "Parotid_L", "Parotid_R")  # the four organs all results quote
 
@@ -57,6 +57,7 @@ def describe(name: str) -> dict:
     folder = path(name)
     return {
         "name": name, "default": name == DEFAULT, "organs": list(meta["organs"]),
+        "written_by_default": list(meta.get("prediction", {}).get("organs", meta["organs"])),
         "spacing": (f"{spacing:g} mm" if spacing else
                     f"{native.get('min', 0):.2f}-{native.get('max', 0):.2f} mm as trained; others resampled to "
                     f"{native.get('median', 0):.2f} mm"),
@@ -76,6 +77,8 @@ def model_card(meta: dict) -> str:
     prediction = meta.get("prediction", {})
     chosen = ", ".join(k for k in ("largest_component", "tta") if prediction.get(k)) or "none"
     tg263 = release.get("tg263_names", {})
+    written = prediction.get("organs", organs)
+    left_out = [o for o in organs if o not in written]
     lines = [
         f"# Model card: {release['name']}",
         "",
@@ -86,10 +89,14 @@ def model_card(meta: dict) -> str:
         "",
         "## Organs",
         "",
-        "| channel | organ | TG-263 name | label value |",
-        "|---|---|---|---|",
-        *(f"| {i} | {o} | {tg263.get(o, o)} | {meta['labels'][o]} |" for i, o in enumerate(organs)),
+        "| channel | organ | TG-263 name | label value | written by default |",
+        "|---|---|---|---|---|",
+        *(f"| {i} | {o} | {tg263.get(o, o)} | {meta['labels'][o]} | {'yes' if o in written else 'no'} |"
+          for i, o in enumerate(organs)),
         "",
+        *([f"{', '.join(left_out)}: the model has their channels, but their validation Dice (below) is under "
+           f"{100 * prediction.get('minimum_dice', 0):.0f} %, too low to be of use, so `hnseg predict` leaves them "
+           "out unless `--organs` names them.", ""] if left_out else []),
         "## Training data and its terms",
         "",
         f"{release['data']['description']}",
@@ -120,7 +127,7 @@ def model_card(meta: dict) -> str:
         "| organ | n | 3D Dice (%) | HD95 (mm) |",
         "|---|---|---|---|",
         *(f"| {o} | {evaluation['organs'][o]['n']} | {100 * evaluation['organs'][o]['dice']:.2f} | "
-          f"{evaluation['organs'][o]['hd95_mm']:.2f} |" for o in organs if o in evaluation["organs"]),
+          f"{_mm(evaluation['organs'][o]['hd95_mm'])} |" for o in organs if o in evaluation["organs"]),
         f"| mean of {', '.join(HEADLINE_ORGANS)} | | **{100 * release['headline_dice']:.2f}** | |",
         *([f"| mean of all {len(organs)} | | {100 * evaluation['mean_dice']:.2f} | |"]
           if set(organs) != set(HEADLINE_ORGANS) else []),
@@ -136,6 +143,11 @@ def model_card(meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _mm(value) -> str:
+    """A distance for the card; None where the organ was never predicted (no surface to measure)."""
+    return "n/a (never predicted)" if value is None else f"{value:.2f}"
 
 
 # ----------------------------------------------------------------------------- hnseg models
@@ -156,7 +168,9 @@ def run(args) -> int:
     for row in rows:
         dice = row["headline_dice"]
         print(f"{row['name']}{'  (default)' if row['default'] else ''}")
-        print(f"  organs:     {', '.join(row['organs'])}")
+        left_out = [o for o in row["organs"] if o not in row["written_by_default"]]
+        print(f"  organs:     {', '.join(row['written_by_default'])}"
+              + (f" (also {', '.join(left_out)}: low validation Dice, only with --organs)" if left_out else ""))
         print(f"  spacing:    {row['spacing']}")
         if dice is not None:
             print(f"  3D Dice:    {100 * dice:.1f} % mean of {', '.join(HEADLINE_ORGANS)} on {row['evaluated_on']}")

@@ -48,6 +48,11 @@ def metadata(name: str | None = None) -> dict:
     return read_metadata(path(name))
 
 
+def written_organs(meta: dict) -> list[str]:
+    """The organs ``hnseg predict`` writes by default: the release's ``prediction.organs``, else all."""
+    return list(meta.get("prediction", {}).get("organs", meta["organs"]))
+
+
 def describe(name: str) -> dict:
     """One row of ``hnseg models``: organs, spacing, measured Dice, licence, file size."""
     meta = metadata(name)
@@ -57,7 +62,7 @@ def describe(name: str) -> dict:
     folder = path(name)
     return {
         "name": name, "default": name == DEFAULT, "organs": list(meta["organs"]),
-        "written_by_default": list(meta.get("prediction", {}).get("organs", meta["organs"])),
+        "written_by_default": written_organs(meta),
         "spacing": (f"{spacing:g} mm" if spacing else
                     f"{native.get('min', 0):.2f}-{native.get('max', 0):.2f} mm as trained; others resampled to "
                     f"{native.get('median', 0):.2f} mm"),
@@ -77,7 +82,7 @@ def model_card(meta: dict) -> str:
     prediction = meta.get("prediction", {})
     chosen = ", ".join(k for k in ("largest_component", "tta") if prediction.get(k)) or "none"
     tg263 = release.get("tg263_names", {})
-    written = prediction.get("organs", organs)
+    written = written_organs(meta)
     left_out = [o for o in organs if o not in written]
     lines = [
         f"# Model card: {release['name']}",

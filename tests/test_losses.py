@@ -230,3 +230,11 @@ def test_boundary_ramp_reaches_compiled_step():
     ramp.on_epoch_begin(10)
     assert model.evaluate(P, y, verbose=0) == pytest.approx(-0.275, rel=1e-5)
     assert SegmentationLoss(1, boundary_weight=1.0).ramp_value(0) == 1.0
+
+
+def test_train_config_refuses_an_unknown_dice_over_before_anything_runs():
+    from hnseg_keras.errors import HnsegError
+    from hnseg_keras.training.config import LossConfig
+
+    with pytest.raises(HnsegError, match=r"loss.dice_over='volume' is unknown; choose one of slice, batch"):
+        LossConfig(dice_over="volume")

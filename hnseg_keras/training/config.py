@@ -22,6 +22,7 @@ from hnseg_keras.errors import HnsegError
 from hnseg_keras.files import portable_path
 from hnseg_keras.inputs.augment import AugmentConfig
 from hnseg_keras.inputs.batching import PipelineConfig
+from hnseg_keras.model.losses import DICE_OVER
 from hnseg_keras.model.unet import UNetConfig, variant_config
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ class LossConfig:
     boundary_weight: float = 0.0
     boundary_ramp_epochs: int = 0
     dice_over: str = "slice"
+
+    def __post_init__(self):
+        if self.dice_over not in DICE_OVER:
+            raise HnsegError(f"train config: loss.dice_over={self.dice_over!r} is unknown; choose one of "
+                             f"{', '.join(DICE_OVER)}")
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ def soft_dice(num_organs, smooth=1.0):
     return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth)
 
 
-def batch_dice(num_organs, smooth=1.0):
-    return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth, dice_over="batch")
+def batch_dice(num_organs, smooth=1.0, over="batch"):
+    return SegmentationLoss(num_organs, focal_weight=0.0, dice_weight=1.0, smooth=smooth, dice_over=over)
 
 
 def boundary(num_organs):
@@ -44,6 +44,7 @@ def _all_losses(num_organs):
         boundary(num_organs),
         SegmentationLoss(num_organs, focal_weight=0.5, dice_weight=2.0, boundary_weight=0.1),
         batch_dice(num_organs),
+        batch_dice(num_organs, over="batch_present"),
     ]
 
 
@@ -116,6 +117,30 @@ def test_batch_dice_asks_less_of_an_absent_slice():
     assert per_slice == pytest.approx((0.0 + (1 - 1 / 1.2)) / 2, rel=1e-5)
     assert over_batch == pytest.approx(1 - 5 / 5.2, rel=1e-5)
     assert over_batch < per_slice / 2
+
+
+def test_batch_present_leaves_an_organ_absent_from_the_batch_alone():
+    # Organ 0 absent from both slices, predicted at 0.05 on all 8 pixels: "batch" costs
+    # 1 - 1 / (0.4 + 1) and pushes every pixel down; "batch_present" gives 0 and no gradient.
+    masks, dist, annotated, p = _two_samples()
+    masks[..., 0] = 0.0
+    p[..., 0] = 0.05
+    y = pack_targets(masks[..., :1], dist[..., :1], annotated[:, :1])
+    y_pred = tf.Variable(p[..., :1])
+    values, grads = [], []
+    for over in ("batch", "batch_present"):
+        with tf.GradientTape() as tape:
+            value = batch_dice(1, over=over)(y, y_pred)
+        values.append(float(value))
+        grads.append(tape.gradient(value, y_pred).numpy())
+    assert values[0] == pytest.approx(1 - 1 / 1.4, rel=1e-5)
+    assert np.all(grads[0] > 0)
+    assert values[1] == 0.0
+    assert np.all(grads[1] == 0.0)
+    # Where the organ is in the batch, the two are the same Dice.
+    masks, dist, annotated, p = _two_samples()
+    y = pack_targets(masks, dist, annotated)
+    assert _value(batch_dice(2, over="batch_present"), y, p) == pytest.approx(_value(batch_dice(2), y, p), rel=1e-6)
 
 
 def test_dice_over_is_checked():

@@ -35,8 +35,9 @@ LR_SCHEDULES = ("plateau", "cosine")
 class LossConfig:
     """Weights of ``losses.SegmentationLoss``: focal + Dice (+ boundary, optionally ramped over epochs).
 
-    ``dice_over``: ``"slice"`` (one soft Dice per slice and organ) or ``"batch"`` (one per organ over
-    the batch; needed when organs are absent from most slices, see ``losses.batch_dice_terms``).
+    ``dice_over``: ``"slice"`` (one soft Dice per slice and organ), ``"batch"`` (one per organ over
+    the batch; needed when organs are absent from most slices, see ``losses.batch_dice_terms``) or
+    ``"batch_present"`` (the same, but an organ absent from the whole batch adds no Dice term).
     """
 
     focal_weight: float = 1.0

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from hnseg_keras import cli, configs
 from hnseg_keras.data.organs import TG263_NAMES
+from hnseg_keras.evaluation import blanked
 from hnseg_keras.files import atomic_path
 from hnseg_keras.inference import released, trust
 from hnseg_keras.inference.model_io import METADATA_FILE, MODEL_FILE, load_keras_model, read_metadata
+from hnseg_keras.model import losses
 from hnseg_keras.training.run_folder import RunFolder, read_history, time_spent
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,17 @@ def evaluation_record(result: dict, cases: int) -> dict:
     }
 
 
+def blanked_record(data: Path, predictions: Path, labels: dict[str, int]) -> dict:
+    """How much of each organ's validation score rests on blanked slices (``evaluation.blanked``)."""
+    folders = sorted(path.parent for path in (data / "validation").glob("*/img.nrrd"))
+    audit = blanked.audit(folders)
+    scores = blanked.score_predictions(folders, predictions, labels)
+    return {"area_cm2": audit["area_cm2"], "cases_affected": audit["cases_affected"], "cases": audit["cases"],
+            "organs": {organ: {**scores[organ], "voxels_on_blanked_slices_percent":
+                               audit["organs"][organ]["voxels_on_blanked_slices_percent"]}
+                       for organ in labels if organ in scores}}
+
+
 def cpu_name() -> str:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor() or "unknown CPU")
@@ -136,7 +149,7 @@ def training_record(run: Path, commit: str) -> dict:
 
 
 def package(export: Path, run: Path, name: str, best: str, results: dict[str, dict], commit: str,
-            out_root: Path) -> Path:
+            out_root: Path, blanked_slices: dict) -> Path:
     metadata = read_metadata(export)
     training = training_record(run, commit)
     config = training.pop("config")
@@ -167,13 +180,14 @@ def package(export: Path, run: Path, name: str, best: str, results: dict[str, di
                    "batch_size": config["pipeline"]["batch_size"],
                    "description": f"{training['epochs']} epochs x {config['steps_per_epoch']} steps, Adam, half-cosine "
                                   f"learning rate {config['learning_rate']:g} -> {config['learning_rate'] / 100:g}, "
-                                  f"focal + {'batch ' if config['loss'].get('dice_over') == 'batch' else ''}"
-                                  f"Dice loss, random {config['augment']['crop_size']} px crops; the final "
+                                  f"focal + {losses.DICE_OVER[config['loss'].get('dice_over', 'slice')]} "
+                                  f"loss, random {config['augment']['crop_size']} px crops; the final "
                                   "model (no epoch chosen on validation cases)"},
         "training": training,
         "parameters": int(model.count_params()),
         "evaluation": evaluation_record(chosen, cases),
         "evaluated_on": f"{cases} OpenKBP validation cases",
+        "blanked_slices": blanked_slices,
         "headline_dice": sum(headline) / len(headline),
     }
     target = out_root / name
@@ -202,7 +216,9 @@ def main() -> int:
     best, results = choose(args.export, args.data, args.work)
     for name, result in results.items():
         print(f"{name:>24}: mean 3D Dice {100 * result['summary']['mean']['dice']['mean']:.2f} %", file=sys.stderr)
-    target = package(args.export, args.run, args.name, best, results, commit, args.out_root)
+    labels = read_metadata(args.export)["labels"]
+    target = package(args.export, args.run, args.name, best, results, commit, args.out_root,
+                     blanked_record(args.data, args.work / best, labels))
     print(f"released {target} (prediction: {best})", file=sys.stderr)
     return 0
 

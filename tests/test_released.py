@@ -55,6 +55,23 @@ def test_the_model_card_is_rendered_from_the_metadata_and_names_its_terms():
                f"{100 * release['evaluation']['organs'][organ]['dice']:.2f} |" in card
 
 
+def test_the_card_gives_the_dice_without_blanked_slices_from_the_record():
+    metadata = read_metadata(released.path())
+    organs = {o: {"all": 0.8, "clinical_like": 0.7, "blanked": None, "blanked_cases": 0,
+                  "voxels_on_blanked_slices_percent": 0.0} for o in metadata["organs"]}
+    organs["BrainStem"] = {"all": 0.72, "clinical_like": 0.66, "blanked": 0.81, "blanked_cases": 9,
+                           "voxels_on_blanked_slices_percent": 21.8}
+    metadata["release"]["blanked_slices"] = {"area_cm2": 40.0, "cases_affected": 14, "cases": 33, "organs": organs}
+    card = released.model_card(metadata)
+    assert "In 14 of the 33 validation cases" in card
+    assert "| BrainStem | 21.8 % | 72.00 | 66.00 | 81.00 (9) |" in card
+    assert "| Mandible | 0.0 % | 80.00 | 70.00 | - |" in card
+    # (0.66 + 3 * 0.7) / 4 and (0.72 + 3 * 0.8) / 4 over the four headline organs
+    assert f"| mean of {', '.join(released.HEADLINE_ORGANS)} | | 78.00 | **69.00** | |" in card
+    del metadata["release"]["blanked_slices"]
+    assert "Without the slices" not in released.model_card(metadata)
+
+
 def test_hnseg_models_lists_what_the_metadata_records(capsys):
     assert cli.main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)

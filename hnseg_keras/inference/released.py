@@ -137,6 +137,7 @@ def model_card(meta: dict) -> str:
         *([f"| mean of all {len(organs)} | | {100 * evaluation['mean_dice']:.2f} | |"]
           if set(organs) != set(HEADLINE_ORGANS) else []),
         "",
+        *_blanked_section(release.get("blanked_slices"), organs),
         "## Intended use",
         "",
         "Research on head-and-neck organ-at-risk contouring; a first draft of these organs on CT for a "
@@ -148,6 +149,44 @@ def model_card(meta: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _blanked_section(record: dict | None, organs) -> list[str]:
+    """Card lines on blanked validation slices (``evaluation.blanked``); none for models without the record."""
+    if not record:
+        return []
+    rows = [(o, record["organs"][o]) for o in organs if o in record["organs"]]
+    return [
+        "### Without the slices where the image gives the contour away",
+        "",
+        "The OpenKBP CTs were stored only around the targets: on some slices at the top and bottom of the "
+        f"contours the image holds less than {record['area_cm2']:g} cm2 of tissue, the organ and a few voxels "
+        "around it, so the image outlines the organ. In "
+        f"{record['cases_affected']} of the {record['cases']} validation cases an organ has more than a fifth of "
+        "its voxels on such slices. A clinical CT has full anatomy there, so the Dice without those slices is the "
+        "better guide to it:",
+        "",
+        "| organ | organ voxels on such slices | 3D Dice, all slices (%) | without them (%) | on them only (%, cases) |",
+        "|---|---|---|---|---|",
+        *(f"| {o} | {row['voxels_on_blanked_slices_percent']:.1f} % | {_percent(row['all'])} | "
+          f"{_percent(row['clinical_like'])} | {_on_blanked(row)} |" for o, row in rows),
+        *([f"| mean of {', '.join(HEADLINE_ORGANS)} | | {_percent(_mean_of(record, 'all'))} | "
+           f"**{_percent(_mean_of(record, 'clinical_like'))}** | |"]
+          if all(o in record["organs"] for o in HEADLINE_ORGANS) else []),
+        "",
+    ]
+
+
+def _mean_of(record: dict, part: str) -> float:
+    return sum(record["organs"][o][part] for o in HEADLINE_ORGANS) / len(HEADLINE_ORGANS)
+
+
+def _on_blanked(row: dict) -> str:
+    return f"{_percent(row['blanked'])} ({row['blanked_cases']})" if row["blanked_cases"] else "-"
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
 
 
 def _mm(value) -> str:

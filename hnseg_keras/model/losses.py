@@ -30,7 +30,11 @@ from keras import ops
 from hnseg_keras.inputs.targets import num_target_channels, unpack_targets
 
 _EPS = 1e-7  # inside the logs of the focal loss
-DICE_OVER = ("slice", "batch", "batch_present")  # what one soft Dice is computed over (batch_dice_terms)
+DICE_OVER = {  # what one soft Dice is computed over (batch_dice_terms) -> how a model card names it
+    "slice": "Dice",
+    "batch": "batch Dice",
+    "batch_present": "batch Dice (organs absent from the batch left to the focal term)",
+}
 
 
 def focal_terms(p, masks, gamma: float = 2.0):
@@ -159,7 +163,7 @@ class SegmentationLoss(keras.losses.Loss):
         self.gamma = float(gamma)
         self.smooth = float(smooth)
         if dice_over not in DICE_OVER:
-            raise ValueError(f"dice_over must be one of {DICE_OVER}, got {dice_over!r}")
+            raise ValueError(f"dice_over must be one of {list(DICE_OVER)}, got {dice_over!r}")
         self.dice_over = dice_over
         self.boundary_scale = keras.Variable(
             self.ramp_value(0), trainable=False, dtype="float32", name="boundary_scale"

@@ -159,8 +159,8 @@ def _blanked_section(record: dict | None, organs) -> list[str]:
     return [
         "### Without the slices where the image gives the contour away",
         "",
-        "The OpenKBP CTs were stored only around the targets: on some slices at the top and bottom of the "
-        f"contours the image holds less than {record['area_cm2']:g} cm2 of tissue, the organ and a few voxels "
+        "In the OpenKBP CTs, some slices at the top and bottom of the contours hold less than "
+        f"{record['area_cm2']:g} cm2 of tissue (the rest is stored as air, -1024 HU): the organ and a few voxels "
         "around it, so the image outlines the organ. In "
         f"{record['cases_affected']} of the {record['cases']} validation cases an organ has more than a fifth of "
         "its voxels on such slices. A clinical CT has full anatomy there, so the Dice without those slices is the "

@@ -3,18 +3,19 @@
 
     python scripts/blanked_slices.py ../shared/data/openkbp-hn --out results/openkbp_blanked_slices.json
     python scripts/blanked_slices.py ../shared/data/openkbp-hn/validation --predictions PRED \
-        --model-metadata hnseg_keras/released/openkbp-hn7-s/metadata.json
+        --model hnseg_keras/released/openkbp-hn7-s
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from hnseg_keras.errors import HnsegError
 from hnseg_keras.evaluation import blanked
 from hnseg_keras.files import write_json_atomic
+from hnseg_keras.inference.model_io import read_metadata
 
 
 def _percent(value) -> str:
@@ -27,16 +28,24 @@ def main() -> int:
     parser.add_argument("--area", type=float, default=blanked.AREA_CM2, help="tissue area (cm2) under which a "
                         "slice with a contour is blanked")
     parser.add_argument("--predictions", type=Path, help="folder of <case>.nrrd label maps (hnseg predict) to score")
-    parser.add_argument("--model-metadata", type=Path, help="the model's metadata.json (its label values)")
+    parser.add_argument("--model", type=Path, help="the predicting model's export or released folder (its "
+                        "metadata.json gives the label values)")
     parser.add_argument("--out", type=Path, help="JSON file for the tables")
     args = parser.parse_args()
     folders = sorted(path.parent for path in args.root.glob("**/img.nrrd"))
     if not folders:
         print(f"error: {args.root}: no <case>/img.nrrd below it", file=sys.stderr)
         return 2
-    if args.predictions and not (args.model_metadata and args.model_metadata.is_file()):
-        print("error: --predictions needs --model-metadata, the model's metadata.json (its label values)",
-              file=sys.stderr)
+    if args.predictions and not args.model:
+        print("error: --predictions needs --model, the folder of the model that wrote them", file=sys.stderr)
+        return 2
+    if args.predictions and not args.predictions.is_dir():
+        print(f"error: --predictions {args.predictions}: no such folder", file=sys.stderr)
+        return 2
+    try:
+        labels = read_metadata(args.model)["labels"] if args.predictions else {}
+    except HnsegError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
     def progress(done, total):
@@ -49,7 +58,6 @@ def main() -> int:
               f"{row['cases_over_20_percent']} of {row['cases']} |")
     print(f"cases with an organ > 20 % on blanked slices: {record['cases_affected']} of {record['cases']}")
     if args.predictions:
-        labels = json.loads(args.model_metadata.read_text())["labels"]
         record["scores"] = blanked.score_predictions(folders, args.predictions, labels, args.area)
         print("\n| organ | 3D Dice, all slices | slices not blanked | blanked slices (cases) |\n|---|---|---|---|")
         for organ, row in record["scores"].items():

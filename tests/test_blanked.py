@@ -1,10 +1,17 @@
 """Blanked slices (CT tissue only around the contours) and the three-way score, on hand-built cases."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
 from hnseg_keras.evaluation import blanked
+from hnseg_keras.inference import released
+from hnseg_keras.inference.model_io import read_metadata
 
 SPACING = (5.0, 5.0, 3.0)  # 25 mm2 per pixel: a full 20 x 20 slice holds 100 cm2
 
@@ -63,3 +70,36 @@ def test_dice_of_two_empty_masks_is_left_out():
     empty = np.zeros((2, 2), bool)
     assert blanked.dice(empty, empty) is None
     assert blanked._mean([None, 0.5, 1.0]) == 0.75
+
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "blanked_slices.py"
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def test_script_scores_with_the_released_models_labels_and_refuses_a_bad_model(tmp_path):
+    ct, organ = _ct_and_organ()
+    image = _write_case(tmp_path / "data" / "pt_1", ct, {"BrainStem": organ})
+    model = released.path()
+    label_map = np.zeros(ct.shape, np.uint8)
+    label_map[organ] = read_metadata(model)["labels"]["BrainStem"]
+    prediction = sitk.GetImageFromArray(label_map)
+    prediction.CopyInformation(image)
+    (tmp_path / "pred").mkdir()
+    sitk.WriteImage(prediction, str(tmp_path / "pred" / "pt_1.nrrd"))
+
+    done = _script(tmp_path / "data", "--predictions", tmp_path / "pred", "--model", model,
+                   "--out", tmp_path / "table.json")
+    assert done.returncode == 0, done.stderr
+    scores = json.loads((tmp_path / "table.json").read_text())["scores"]["BrainStem"]
+    assert scores["all"] == scores["clinical_like"] == scores["blanked"] == 1.0
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "metadata.json").write_text("{not json")
+    for bad in (["--model", tmp_path / "junk"], [], ["--model", tmp_path / "pred"]):
+        refused = _script(tmp_path / "data", "--predictions", tmp_path / "pred", *bad, "--out", tmp_path / "x.json")
+        assert refused.returncode == 2 and refused.stderr.startswith("error: ")
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    assert not (tmp_path / "x.json").exists()
